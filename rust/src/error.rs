@@ -1,0 +1,52 @@
+//! Errors the engine reports. Every one is bad input or a simulated
+//! condition a caller can act on; none is a panic.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A trace or option that does not parse.
+    Parse(String),
+    /// A range that is not page aligned, empty, or outside user space.
+    InvalidRange(String),
+    /// mmap over an existing mapping (this simulator has no MAP_FIXED replace).
+    Overlap(String),
+    /// An access outside every VMA: the process would get SIGSEGV.
+    Segv(u64),
+    /// An option value out of its domain (unknown size, mode, policy...).
+    Config(String),
+    /// The simulated machine ran out of physical memory (VM_FAULT_OOM).
+    Oom(u64),
+    /// The kernel oracle could not run (not Linux, no permission, syscall failed).
+    Oracle(String),
+    /// An error raised by the operation on a given trace line.
+    AtLine(u32, Box<Error>),
+}
+
+impl Error {
+    /// The error without its line wrapper.
+    pub fn inner(&self) -> &Error {
+        match self {
+            Error::AtLine(_, e) => e.inner(),
+            e => e,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Parse(m) | Error::InvalidRange(m) | Error::Overlap(m) | Error::Config(m) => {
+                f.write_str(m)
+            }
+            Error::Segv(a) => write!(f, "segmentation fault: access at {a:#x} is outside every VMA"),
+            Error::Oom(a) => write!(f, "out of memory handling the fault at {a:#x} (VM_FAULT_OOM)"),
+            Error::Oracle(m) => write!(f, "kernel oracle: {m}"),
+            Error::AtLine(n, e) => write!(f, "line {n}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;

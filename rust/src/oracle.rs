@@ -1,0 +1,755 @@
+//! The kernel oracle: the same trace replayed on the real Linux kernel, in
+//! this process, and what the kernel reported about it.
+//!
+//! How a trace is placed:
+//! - A `PROT_NONE` reservation (`MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE`)
+//!   covers the trace's span, rounded out to 2 MiB, plus 2 MiB on each side.
+//!   Its traced part starts on a 2 MiB boundary, and a trace address `a`
+//!   becomes `base + (a - align_down(lowest trace address, 2 MiB))`, so every
+//!   address keeps its offset inside its 2 MiB page (and so its PMD and folio
+//!   alignment). Nothing else can merge with the trace's VMAs: their
+//!   neighbours are `PROT_NONE`.
+//! - `mmap` is `mmap(MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS, PROT_READ|PROT_WRITE)`
+//!   over the reservation, then `madvise(MADV_HUGEPAGE/MADV_NOHUGEPAGE)` if
+//!   flagged, then, for `uffd-wp`, `UFFDIO_REGISTER` in write-protect mode on
+//!   a userfaultfd opened before the loop.
+//! - `munmap` is a real `munmap`: it leaves a hole inside the reservation's
+//!   span, as the kernel examples did.
+//! - `madvise` is `madvise(MADV_DONTNEED/MADV_HUGEPAGE/MADV_NOHUGEPAGE)`. A
+//!   range that is partly unmapped gets `ENOMEM` from the kernel after the
+//!   advice was applied to the mapped part; that is not an error here.
+//! - `w` is a volatile one-byte write, `r` a volatile one-byte read.
+//! - Threads: the lines of every thread (`@T`) run on the calling thread, in
+//!   the order of the trace file (a serial interleaving). The kernel oracle
+//!   has no concurrency.
+//!
+//! Before the loop the trace's own VMA set is simulated (an interval list):
+//! an access outside every VMA the trace created, or an `mmap` over an
+//! existing one, is reported with its line instead of crashing the process.
+//!
+//! What is measured:
+//! - `faults`: minor faults of the calling thread (`getrusage(RUSAGE_THREAD)`,
+//!   which equals `RUSAGE_SELF` for a single-threaded process but is not
+//!   disturbed by other threads of the host process, e.g. Python threads
+//!   while the GIL is released), across the loop, less the harness overhead
+//!   measured by running the same loop with no operations. A warm-up replay
+//!   of a small synthetic trace that uses every operation runs first, so the
+//!   loop's code and data pages are already present.
+//! - `rss_bytes`: the sum of `Rss:` in `/proc/self/smaps` over the mappings
+//!   inside the reservation, read after the loop, before anything is unmapped.
+//! - `mthp`: deltas across the loop of `hugepages-*/stats/*`; the gauges
+//!   `nr_anon` and `nr_anon_partially_mapped` too, read before the final unmap.
+//!   These counters are system-wide: other processes faulting large folios at
+//!   the same time show up here.
+//! - `vmstat`: deltas of `/proc/vmstat` THP counters (also system-wide).
+//! - `elapsed_s`: wall seconds of the loop.
+//!
+//! The loop itself does not allocate: operations are translated into a
+//! flat array beforehand, and errors are recorded in a fixed-size slot.
+
+use crate::error::{Error, Result};
+use crate::trace::{Advice, Op, OpKind};
+use std::time::Instant;
+
+const PAGE: u64 = 4096;
+const PMD: u64 = 2 << 20;
+const THP_DIR: &str = "/sys/kernel/mm/transparent_hugepage";
+
+/// Counters read from `hugepages-<size>/stats/`.
+pub const MTHP_COUNTERS: &[&str] = &[
+    "anon_fault_alloc",
+    "anon_fault_fallback",
+    "anon_fault_fallback_charge",
+    "split",
+    "split_deferred",
+    "nr_anon",
+    "nr_anon_partially_mapped",
+];
+
+/// Counters read from `/proc/vmstat`.
+pub const VMSTAT_COUNTERS: &[&str] = &[
+    "thp_fault_alloc",
+    "thp_fault_fallback",
+    "thp_fault_fallback_charge",
+    "thp_split_pmd",
+    "thp_split_page",
+    "thp_deferred_split_page",
+    "thp_zero_page_alloc",
+];
+
+/// What the kernel did with one trace.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelRun {
+    /// Minor faults of the replay loop, less the harness overhead.
+    pub faults: u64,
+    /// Rss of the trace's mappings at the end (`/proc/self/smaps`).
+    pub rss_bytes: u64,
+    /// PMD-mapped part of that (`AnonHugePages:` in smaps).
+    pub anon_huge_bytes: u64,
+    /// Wall seconds of the loop.
+    pub elapsed_s: f64,
+    /// Per size (`"64kB"`, ascending), the deltas of `hugepages-*/stats/*`
+    /// that exist for that size.
+    pub mthp: Vec<(String, Vec<(&'static str, i64)>)>,
+    /// Deltas of `/proc/vmstat` THP counters.
+    pub vmstat: Vec<(&'static str, i64)>,
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// The harness overhead subtracted from `faults`.
+    pub harness_faults: u64,
+}
+
+// ---------------------------------------------------------------------------
+// userfaultfd (x86-64 / generic ioctl encoding)
+
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)` (24 bytes).
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)` (32 bytes).
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+/// `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+const RUSAGE_THREAD: libc::c_int = 1;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn strerror(e: i32) -> String {
+    std::io::Error::from_raw_os_error(e).to_string()
+}
+
+/// Opens a userfaultfd and does the `UFFDIO_API` handshake.
+fn open_uffd() -> Result<libc::c_int> {
+    let mut tried = Vec::new();
+    let mut fd = -1;
+    for flags in [libc::O_CLOEXEC | UFFD_USER_MODE_ONLY, libc::O_CLOEXEC] {
+        // SAFETY: plain syscall with integer arguments.
+        let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if r >= 0 {
+            fd = r as libc::c_int;
+            break;
+        }
+        tried.push(format!("userfaultfd({flags:#x}): {}", strerror(errno())));
+    }
+    if fd < 0 {
+        let path = b"/dev/userfaultfd\0";
+        // SAFETY: NUL-terminated path.
+        let dev = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if dev >= 0 {
+            // SAFETY: ioctl on the device we just opened.
+            let r = unsafe { libc::ioctl(dev, USERFAULTFD_IOC_NEW as _, libc::O_CLOEXEC) };
+            if r >= 0 {
+                fd = r;
+            } else {
+                tried.push(format!("/dev/userfaultfd USERFAULTFD_IOC_NEW: {}", strerror(errno())));
+            }
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(dev) };
+        } else {
+            tried.push(format!("open /dev/userfaultfd: {}", strerror(errno())));
+        }
+    }
+    if fd < 0 {
+        return Err(Error::Oracle(format!(
+            "userfaultfd is unavailable, cannot replay uffd-wp mappings ({}); \
+             run as root or set vm.unprivileged_userfaultfd=1",
+            tried.join("; ")
+        )));
+    }
+    let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
+    // SAFETY: `api` is a valid uffdio_api for the duration of the call.
+    let r = unsafe { libc::ioctl(fd, UFFDIO_API as _, &mut api as *mut UffdioApi) };
+    if r < 0 {
+        let e = errno();
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+        return Err(Error::Oracle(format!("userfaultfd UFFDIO_API failed: {}", strerror(e))));
+    }
+    Ok(fd)
+}
+
+// ---------------------------------------------------------------------------
+// The trace as the loop sees it
+
+#[derive(Clone, Copy, Debug)]
+enum Raw {
+    /// `advice` is 0 or a MADV_* value applied after the mmap.
+    Mmap { p: *mut u8, len: usize, advice: libc::c_int, uffd_wp: bool },
+    Munmap { p: *mut u8, len: usize },
+    Madvise { p: *mut u8, len: usize, advice: libc::c_int },
+    Write(*mut u8),
+    Read(*const u8),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RawOp {
+    line: u32,
+    raw: Raw,
+}
+
+/// What went wrong inside the loop (no allocation there).
+#[derive(Clone, Copy, Debug)]
+struct LoopError {
+    line: u32,
+    what: &'static str,
+    errno: i32,
+}
+
+/// The bare replay loop. Returns the first error, if any.
+#[inline(never)]
+fn run_ops(ops: &[RawOp], uffd: libc::c_int) -> Option<LoopError> {
+    for op in ops {
+        // SAFETY: every pointer lies inside the reservation and every access
+        // inside a VMA the trace mapped (checked by `check_vmas`).
+        unsafe {
+            match op.raw {
+                Raw::Write(p) => std::ptr::write_volatile(p, 1u8),
+                Raw::Read(p) => {
+                    std::ptr::read_volatile(p);
+                }
+                Raw::Mmap { p, len, advice, uffd_wp } => {
+                    let r = libc::mmap(
+                        p.cast(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    if r != p.cast() {
+                        return Some(LoopError { line: op.line, what: "mmap", errno: errno() });
+                    }
+                    if advice != 0 && libc::madvise(p.cast(), len, advice) != 0 {
+                        return Some(LoopError { line: op.line, what: "madvise after mmap", errno: errno() });
+                    }
+                    if uffd_wp {
+                        let mut reg = UffdioRegister { start: p as u64, len: len as u64, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+                        if libc::ioctl(uffd, UFFDIO_REGISTER as _, &mut reg as *mut UffdioRegister) != 0 {
+                            return Some(LoopError { line: op.line, what: "UFFDIO_REGISTER (write-protect mode)", errno: errno() });
+                        }
+                    }
+                }
+                Raw::Munmap { p, len } => {
+                    if libc::munmap(p.cast(), len) != 0 {
+                        return Some(LoopError { line: op.line, what: "munmap", errno: errno() });
+                    }
+                }
+                Raw::Madvise { p, len, advice } => {
+                    if libc::madvise(p.cast(), len, advice) != 0 {
+                        let e = errno();
+                        // ENOMEM: part of the range is not mapped; the
+                        // mapped part was advised all the same.
+                        if e != libc::ENOMEM {
+                            return Some(LoopError { line: op.line, what: "madvise", errno: e });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn thread_minflt() -> u64 {
+    // SAFETY: rusage is plain old data; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(RUSAGE_THREAD, &mut ru) };
+    ru.ru_minflt as u64
+}
+
+/// The measured section: faults and wall time around `run_ops`.
+#[inline(never)]
+fn measured(ops: &[RawOp], uffd: libc::c_int) -> (u64, f64, Option<LoopError>) {
+    let f0 = thread_minflt();
+    let t0 = Instant::now();
+    let err = run_ops(ops, uffd);
+    let el = t0.elapsed().as_secs_f64();
+    let f1 = thread_minflt();
+    (f1.wrapping_sub(f0), el, err)
+}
+
+// ---------------------------------------------------------------------------
+// The trace's VMA set, simulated to reject bad traces before running them
+
+fn op_range(k: &OpKind) -> (u64, u64) {
+    match *k {
+        OpKind::Mmap { addr, len, .. } | OpKind::Munmap { addr, len } | OpKind::Madvise { addr, len, .. } => (addr, addr + len),
+        OpKind::Write { addr } | OpKind::Read { addr } => (addr, addr + 1),
+    }
+}
+
+/// Checks that every access lies in a VMA the trace created and no mmap
+/// overlaps a live one.
+fn check_vmas(ops: &[Op]) -> Result<()> {
+    let mut vmas: Vec<(u64, u64)> = Vec::new(); // sorted, disjoint
+    for op in ops {
+        match op.kind {
+            OpKind::Mmap { addr, len, .. } => {
+                let end = addr + len;
+                if vmas.iter().any(|&(s, e)| s < end && addr < e) {
+                    return Err(Error::Overlap(format!(
+                        "line {}: mmap {addr:#x}+{len:#x} overlaps an existing mapping",
+                        op.line
+                    )));
+                }
+                let i = vmas.partition_point(|&(s, _)| s < addr);
+                vmas.insert(i, (addr, end));
+            }
+            OpKind::Munmap { addr, len } => {
+                let end = addr + len;
+                let mut out = Vec::with_capacity(vmas.len() + 1);
+                for &(s, e) in &vmas {
+                    if e <= addr || s >= end {
+                        out.push((s, e));
+                        continue;
+                    }
+                    if s < addr {
+                        out.push((s, addr));
+                    }
+                    if e > end {
+                        out.push((end, e));
+                    }
+                }
+                vmas = out;
+            }
+            OpKind::Madvise { .. } => {}
+            OpKind::Write { addr } | OpKind::Read { addr } => {
+                if !vmas.iter().any(|&(s, e)| s <= addr && addr < e) {
+                    let what = if matches!(op.kind, OpKind::Write { .. }) { "write" } else { "read" };
+                    return Err(Error::Parse(format!(
+                        "line {}: segmentation fault: {what} at {addr:#x} is outside every VMA",
+                        op.line
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The reservation
+
+struct Reservation {
+    /// Start and length of what is reserved (including the guard margins).
+    lo: u64,
+    len: u64,
+    /// Where the 2 MiB-aligned trace base maps.
+    base: u64,
+}
+
+impl Reservation {
+    /// Reserves `span` bytes at a 2 MiB-aligned base, with 2 MiB of
+    /// PROT_NONE on each side.
+    fn new(span: u64) -> Result<Reservation> {
+        let want = span
+            .checked_add(3 * PMD)
+            .and_then(|x| x.checked_add(2 * PMD))
+            .ok_or_else(|| Error::Oracle(format!("trace span {span:#x} is too large to reserve")))?;
+        // SAFETY: a fresh anonymous PROT_NONE mapping; nothing is overwritten.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                want as usize,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::Oracle(format!(
+                "cannot reserve {want:#x} bytes of address space for the trace: {}",
+                strerror(errno())
+            )));
+        }
+        let raw = raw as u64;
+        let base = ((raw + PMD - 1) & !(PMD - 1)) + PMD;
+        let lo = base - PMD;
+        let hi = base + span + PMD;
+        // Trim what lies outside [lo, hi).
+        // SAFETY: both pieces are parts of the mapping made above.
+        unsafe {
+            if lo > raw {
+                libc::munmap(raw as *mut _, (lo - raw) as usize);
+            }
+            if raw + want > hi {
+                libc::munmap(hi as *mut _, (raw + want - hi) as usize);
+            }
+        }
+        Ok(Reservation { lo, len: hi - lo, base })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the whole range was ours; unmapping holes is harmless.
+        unsafe { libc::munmap(self.lo as *mut _, self.len as usize) };
+    }
+}
+
+struct Fd(libc::c_int);
+impl Drop for Fd {
+    fn drop(&mut self) {
+        if self.0 >= 0 {
+            // SAFETY: our own descriptor.
+            unsafe { libc::close(self.0) };
+        }
+    }
+}
+
+fn advice_value(a: Advice) -> libc::c_int {
+    match a {
+        Advice::DontNeed => libc::MADV_DONTNEED,
+        Advice::HugePage => libc::MADV_HUGEPAGE,
+        Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+    }
+}
+
+/// Translates the trace into loop operations inside a fresh reservation.
+fn translate(ops: &[Op]) -> Result<(Reservation, Vec<RawOp>)> {
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    for op in ops {
+        let (s, e) = op_range(&op.kind);
+        lo = lo.min(s);
+        hi = hi.max(e);
+    }
+    if ops.is_empty() {
+        lo = 0;
+        hi = 0;
+    }
+    let alo = lo & !(PMD - 1);
+    let ahi = hi.div_ceil(PMD) * PMD;
+    let res = Reservation::new(ahi - alo)?;
+    let tr = |a: u64| (res.base + (a - alo)) as *mut u8;
+    let raw = ops
+        .iter()
+        .map(|op| {
+            let raw = match op.kind {
+                OpKind::Mmap { addr, len, flags } => Raw::Mmap {
+                    p: tr(addr),
+                    len: len as usize,
+                    advice: if flags.hugepage {
+                        libc::MADV_HUGEPAGE
+                    } else if flags.nohugepage {
+                        libc::MADV_NOHUGEPAGE
+                    } else {
+                        0
+                    },
+                    uffd_wp: flags.uffd_wp,
+                },
+                OpKind::Munmap { addr, len } => Raw::Munmap { p: tr(addr), len: len as usize },
+                OpKind::Madvise { addr, len, advice } => Raw::Madvise { p: tr(addr), len: len as usize, advice: advice_value(advice) },
+                OpKind::Write { addr } => Raw::Write(tr(addr)),
+                OpKind::Read { addr } => Raw::Read(tr(addr)),
+            };
+            RawOp { line: op.line, raw }
+        })
+        .collect();
+    Ok((res, raw))
+}
+
+// ---------------------------------------------------------------------------
+// Reading what the kernel reports
+
+fn read_i64(path: &str) -> Option<i64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The `hugepages-*` folders, smallest first: (size name, path).
+fn size_dirs() -> Vec<(u64, String)> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(THP_DIR) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(kb) = name.strip_prefix("hugepages-").and_then(|s| s.strip_suffix("kB")) {
+                if let Ok(n) = kb.parse::<u64>() {
+                    v.push((n, format!("{THP_DIR}/{name}")));
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+type MthpSnap = Vec<(String, Vec<(&'static str, i64)>)>;
+
+fn read_mthp(dirs: &[(u64, String)]) -> MthpSnap {
+    dirs.iter()
+        .map(|(kb, dir)| {
+            let vals = MTHP_COUNTERS
+                .iter()
+                .filter_map(|&c| read_i64(&format!("{dir}/stats/{c}")).map(|v| (c, v)))
+                .collect();
+            (format!("{kb}kB"), vals)
+        })
+        .collect()
+}
+
+fn read_vmstat() -> Vec<(&'static str, i64)> {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    VMSTAT_COUNTERS
+        .iter()
+        .filter_map(|&c| {
+            text.lines().find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(c)).then(|| it.next().and_then(|v| v.parse().ok())).flatten()
+            })
+            .map(|v| (c, v))
+        })
+        .collect()
+}
+
+/// (Rss, AnonHugePages) in bytes over the smaps entries inside [lo, hi).
+fn smaps_rss(lo: u64, hi: u64) -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/smaps")
+        .map_err(|e| Error::Oracle(format!("cannot read /proc/self/smaps: {e}")))?;
+    let (mut rss, mut huge) = (0u64, 0u64);
+    let mut inside = false;
+    for l in text.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(s), Ok(e)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                inside = s >= lo && e <= hi;
+                continue;
+            }
+        }
+        if !inside {
+            continue;
+        }
+        let kb = |rest: &str| rest.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+        if let Some(rest) = l.strip_prefix("Rss:") {
+            rss += kb(rest);
+        } else if let Some(rest) = l.strip_prefix("AnonHugePages:") {
+            huge += kb(rest);
+        }
+    }
+    Ok((rss, huge))
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain old data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return String::from("unknown");
+    }
+    // SAFETY: the kernel NUL-terminates the field.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Warm-up and calibration
+
+/// A small trace in its own scratch area that runs every operation once,
+/// so that the loop's code, the vDSO and the syscall paths are warm. Its
+/// VMAs are too small for any large folio.
+fn warm_up(with_uffd: bool) -> Result<()> {
+    use crate::trace::MmapFlags;
+    let b = 0x1000_0000u64;
+    let m = |addr, flags| OpKind::Mmap { addr, len: 2 * PAGE, flags };
+    let mut kinds = vec![
+        m(b, MmapFlags { hugepage: true, ..Default::default() }),
+        OpKind::Write { addr: b },
+        OpKind::Read { addr: b + PAGE },
+        OpKind::Write { addr: b + PAGE },
+        OpKind::Madvise { addr: b, len: 2 * PAGE, advice: Advice::DontNeed },
+        OpKind::Madvise { addr: b, len: PAGE, advice: Advice::NoHugePage },
+        OpKind::Madvise { addr: b, len: PAGE, advice: Advice::HugePage },
+        OpKind::Write { addr: b },
+        OpKind::Munmap { addr: b, len: 2 * PAGE },
+        m(b + 8 * PAGE, MmapFlags { nohugepage: true, ..Default::default() }),
+        OpKind::Read { addr: b + 8 * PAGE },
+        m(b + 16 * PAGE, MmapFlags::default()),
+        OpKind::Write { addr: b + 16 * PAGE },
+    ];
+    if with_uffd {
+        kinds.push(m(b + 24 * PAGE, MmapFlags { uffd_wp: true, ..Default::default() }));
+        kinds.push(OpKind::Write { addr: b + 24 * PAGE });
+    }
+    let ops: Vec<Op> = kinds.into_iter().enumerate().map(|(i, kind)| Op { thread: 0, line: i as u32 + 1, kind }).collect();
+    let uffd = Fd(if with_uffd { open_uffd()? } else { -1 });
+    let (res, raw) = translate(&ops)?;
+    let (_, _, err) = measured(&raw, uffd.0);
+    if let Some(e) = err {
+        return Err(Error::Oracle(format!("warm-up replay failed at {}: {}", e.what, strerror(e.errno))));
+    }
+    drop(uffd);
+    drop(res);
+    Ok(())
+}
+
+/// The faults the measuring harness costs by itself: the measured section
+/// with no operations, the least of a few runs.
+fn harness_overhead() -> u64 {
+    (0..5).map(|_| measured(&[], -1).0).min().unwrap_or(0)
+}
+
+fn delta_mthp(before: &MthpSnap, after: &MthpSnap) -> MthpSnap {
+    after
+        .iter()
+        .map(|(size, vals)| {
+            let b = before.iter().find(|(s, _)| s == size);
+            let d = vals
+                .iter()
+                .map(|&(c, v)| {
+                    let v0 = b.and_then(|(_, bv)| bv.iter().find(|(n, _)| *n == c)).map_or(v, |&(_, x)| x);
+                    (c, v - v0)
+                })
+                .collect();
+            (size.clone(), d)
+        })
+        .collect()
+}
+
+fn delta_vmstat(before: &[(&'static str, i64)], after: &[(&'static str, i64)]) -> Vec<(&'static str, i64)> {
+    after
+        .iter()
+        .map(|&(c, v)| (c, v - before.iter().find(|(n, _)| *n == c).map_or(v, |&(_, x)| x)))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+
+/// Replays `ops` on the running kernel in this process and reports what the
+/// kernel did. See the module documentation for the exact procedure.
+///
+/// THP settings are whatever sysfs holds at the time; set them beforehand.
+pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
+    check_vmas(ops)?;
+    let needs_uffd = ops.iter().any(|op| matches!(op.kind, OpKind::Mmap { flags, .. } if flags.uffd_wp));
+    let uffd = Fd(if needs_uffd { open_uffd()? } else { -1 });
+
+    warm_up(needs_uffd)?;
+    let harness = harness_overhead();
+
+    let (res, raw) = translate(ops)?;
+    let dirs = size_dirs();
+    let release = kernel_release();
+
+    let mthp0 = read_mthp(&dirs);
+    let vm0 = read_vmstat();
+    let (faults, elapsed_s, err) = measured(&raw, uffd.0);
+    let mthp1 = read_mthp(&dirs);
+    let vm1 = read_vmstat();
+    let (rss_bytes, anon_huge_bytes) = smaps_rss(res.lo, res.lo + res.len)?;
+
+    if let Some(e) = err {
+        return Err(Error::Oracle(format!("line {}: {} failed: {}", e.line, e.what, strerror(e.errno))));
+    }
+    // Unregister (closing the userfaultfd) and unmap only after measuring.
+    drop(uffd);
+    drop(res);
+
+    Ok(KernelRun {
+        faults: faults.saturating_sub(harness),
+        rss_bytes,
+        anon_huge_bytes,
+        elapsed_s,
+        mthp: delta_mthp(&mthp0, &mthp1),
+        vmstat: delta_vmstat(&vm0, &vm1),
+        kernel_release: release,
+        harness_faults: harness,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace;
+
+    fn can_run() -> bool {
+        // The oracle needs nothing special for order-0 traces; skip only if
+        // /proc/self/smaps is unreadable (e.g. a restricted sandbox).
+        std::fs::metadata("/proc/self/smaps").is_ok()
+    }
+
+    #[test]
+    fn order0_writes_fault_once_per_page() {
+        if !can_run() {
+            eprintln!("skipped: /proc/self/smaps unavailable");
+            return;
+        }
+        // nohugepage: order 0 whatever the THP knobs say.
+        let mut t = String::from("mmap 0x7f0000003000 0x10000 nohugepage\n");
+        for i in 0..16u64 {
+            t += &format!("w {:#x}\n", 0x7f0000003000u64 + i * 4096 + 17);
+        }
+        let run = kernel_replay(&trace::parse(&t).unwrap()).unwrap();
+        assert_eq!(run.faults, 16, "{run:?}");
+        assert_eq!(run.rss_bytes, 64 << 10, "{run:?}");
+        assert!(!run.kernel_release.is_empty());
+        // A second write to each page faults no more; a read of an untouched
+        // page maps the zero page, which is not Rss.
+        let mut t2 = String::from("mmap 0x1000000 0x5000 nohugepage\n");
+        for i in 0..4u64 {
+            t2 += &format!("w {:#x}\nw {:#x}\n", 0x1000000 + i * 4096, 0x1000000 + i * 4096 + 8);
+        }
+        t2 += "r 0x1004000\nmadvise 0x1000000 0x2000 dontneed\nw 0x1000000\n";
+        let run = kernel_replay(&trace::parse(&t2).unwrap()).unwrap();
+        assert_eq!(run.faults, 6, "{run:?}");
+        assert_eq!(run.rss_bytes, 3 * 4096, "{run:?}");
+    }
+
+    #[test]
+    fn munmap_hole_and_errors_name_the_line() {
+        if !can_run() {
+            return;
+        }
+        let t = "mmap 0x200000 0x4000 nohugepage\nw 0x200000\nmunmap 0x201000 0x1000\nw 0x202000\n";
+        let run = kernel_replay(&trace::parse(t).unwrap()).unwrap();
+        assert_eq!(run.faults, 2);
+        assert_eq!(run.rss_bytes, 2 * 4096);
+        let t = "mmap 0x200000 0x4000\nw 0x200000\nmunmap 0x201000 0x1000\nw 0x201010\n";
+        let e = kernel_replay(&trace::parse(t).unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("line 4: segmentation fault"), "{e}");
+        let t = "mmap 0x200000 0x4000\nmmap 0x203000 0x1000\n";
+        let e = kernel_replay(&trace::parse(t).unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("line 2: mmap"), "{e}");
+        let e = kernel_replay(&trace::parse("r 0x5000\n").unwrap()).unwrap_err().to_string();
+        assert!(e.starts_with("line 1:"), "{e}");
+    }
+
+    #[test]
+    fn addresses_keep_their_offset_in_the_pmd() {
+        let ops = trace::parse("mmap 0x7f0000123000 0x3000\nw 0x7f0000125fff\n").unwrap();
+        let (res, raw) = translate(&ops).unwrap();
+        assert_eq!(res.base % PMD, 0);
+        match raw[1].raw {
+            Raw::Write(p) => assert_eq!(p as u64 % PMD, 0x125fff),
+            _ => unreachable!(),
+        }
+        assert!(res.lo <= res.base - PMD && res.base + PMD + PMD <= res.lo + res.len);
+    }
+
+    #[test]
+    fn uffd_wp_maps_order0_or_reports_clearly() {
+        let t = "mmap 0x400000 0x10000 uffd-wp\nw 0x400000\nw 0x401000\n";
+        match kernel_replay(&trace::parse(t).unwrap()) {
+            Ok(run) => {
+                assert_eq!(run.faults, 2, "{run:?}");
+                assert_eq!(run.rss_bytes, 8192);
+            }
+            Err(e) => assert!(e.to_string().contains("userfaultfd"), "{e}"),
+        }
+    }
+}

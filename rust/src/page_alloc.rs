@@ -1,0 +1,516 @@
+//! Physical memory: the memory map (`struct page` per frame), a buddy
+//! allocator with per-order free lists under `zone->lock`, and per-CPU page
+//! lists for the orders the kernel keeps there (`pcp_allowed_order()`:
+//! orders <= PAGE_ALLOC_COSTLY_ORDER and the PMD order).
+//!
+//! Memory costs the host nothing until used: the memory map is a
+//! `MAP_NORESERVE` mapping the host fills on first touch, and frames above
+//! the zone's `frontier` have never been handed out, so they need no free
+//! list entries (they are free `MAX_PAGE_ORDER` blocks, implicitly).
+
+use crate::error::{Error, Result};
+use crate::locks::SpinLock;
+use crate::stats::{Counter, LockCounters};
+use crate::{MAX_PAGE_ORDER, PMD_ORDER};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+pub const PAGE_ALLOC_COSTLY_ORDER: usize = 3;
+/// Pages moved between the zone and a per-CPU list at a time.
+pub const PCP_BATCH: u64 = 63;
+/// A per-CPU list holding more pages than this is drained by a batch.
+pub const PCP_HIGH: u64 = 6 * PCP_BATCH;
+
+/// `pcp_allowed_order()`.
+#[inline(always)]
+pub fn pcp_allowed_order(order: usize) -> bool {
+    order <= PAGE_ALLOC_COSTLY_ORDER || order == PMD_ORDER
+}
+
+#[inline(always)]
+fn pcp_index(order: usize) -> usize {
+    if order == PMD_ORDER {
+        PAGE_ALLOC_COSTLY_ORDER + 1
+    } else {
+        order
+    }
+}
+
+pub const NR_PCP_LISTS: usize = PAGE_ALLOC_COSTLY_ORDER + 2;
+
+// `Page::info` layout.
+pub const MAPCOUNT_MASK: u32 = (1 << 20) - 1;
+pub const ORDER_SHIFT: u32 = 20;
+pub const ORDER_MASK: u32 = 0xf << ORDER_SHIFT;
+/// Head page of an allocated folio.
+pub const PG_HEAD: u32 = 1 << 24;
+/// Head of a free block on a buddy free list (`PageBuddy`).
+pub const PG_BUDDY: u32 = 1 << 25;
+/// Head of a block on a per-CPU list.
+pub const PG_PCP: u32 = 1 << 26;
+/// Large folio queued for deferred split because it is partially mapped.
+pub const PG_PARTIALLY_MAPPED: u32 = 1 << 27;
+/// Large folio mapped by a PMD.
+pub const PG_PMD_MAPPED: u32 = 1 << 28;
+/// Pinned by injected fragmentation: never freed.
+pub const PG_PINNED: u32 = 1 << 29;
+
+/// The per-frame `struct page`, 8 bytes. For a folio head, `count` is the
+/// refcount and `info` holds the order, flags and the number of pages of the
+/// folio mapped by page tables (the folio's mapcount). For a free block head,
+/// `count` is its index in its free list. Tails are unused.
+///
+/// Folio fields change under the lock of the page table that maps the folio
+/// (a folio never crosses a PTE table), so plain loads and stores suffice.
+#[repr(C)]
+pub struct Page {
+    pub count: AtomicU32,
+    pub info: AtomicU32,
+}
+
+impl Page {
+    #[inline(always)]
+    pub fn info(&self) -> u32 {
+        self.info.load(Relaxed)
+    }
+    #[inline(always)]
+    pub fn set_info(&self, v: u32) {
+        self.info.store(v, Relaxed)
+    }
+    #[inline(always)]
+    pub fn order(&self) -> usize {
+        ((self.info() & ORDER_MASK) >> ORDER_SHIFT) as usize
+    }
+    #[inline(always)]
+    pub fn mapcount(&self) -> u32 {
+        self.info() & MAPCOUNT_MASK
+    }
+}
+
+/// The memory map: one [`Page`] per frame, backed lazily by the host.
+struct MemMap {
+    base: *mut Page,
+    len: usize,
+}
+
+unsafe impl Send for MemMap {}
+unsafe impl Sync for MemMap {}
+
+impl MemMap {
+    fn new(len: usize) -> Result<MemMap> {
+        let bytes = len * std::mem::size_of::<Page>();
+        // SAFETY: a fresh private anonymous mapping; zero-filled by the host.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Config(format!(
+                "cannot reserve a memory map for {len} simulated pages ({bytes} bytes of host address space)"
+            )));
+        }
+        Ok(MemMap { base: p as *mut Page, len })
+    }
+}
+
+impl Drop for MemMap {
+    fn drop(&mut self) {
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, (self.len * std::mem::size_of::<Page>()).max(1));
+        }
+    }
+}
+
+struct Zone {
+    /// Free block heads per order.
+    free: [Vec<u32>; MAX_PAGE_ORDER + 1],
+    /// Frames at and above this have never been allocated.
+    frontier: u64,
+    /// Free pages on the lists (not counting above the frontier).
+    nr_free: u64,
+    rng: u64,
+}
+
+/// Per-CPU page lists (`struct per_cpu_pages`), owned by one simulated CPU.
+#[derive(Default)]
+pub struct PerCpuPages {
+    lists: [Vec<u32>; NR_PCP_LISTS],
+    /// Pages (not blocks) on the lists.
+    pub count: u64,
+}
+
+/// Allocator figures that every CPU shares.
+#[derive(Default)]
+pub struct AllocShared {
+    pub pinned: AtomicU64,
+}
+
+pub struct PageAlloc {
+    map: MemMap,
+    zone: SpinLock<Zone>,
+    pub phys_pages: u64,
+    fragmentation: f64,
+    pub shared: AllocShared,
+}
+
+#[inline(always)]
+fn xorshift(s: &mut u64) -> u64 {
+    let mut x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *s = x;
+    x
+}
+
+/// A uniform float in [0, 1) from a xorshift state.
+#[inline(always)]
+pub fn rand_unit(s: &mut u64) -> f64 {
+    (xorshift(s) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl PageAlloc {
+    pub fn new(phys_bytes: u64, fragmentation: f64, seed: u64) -> Result<PageAlloc> {
+        let block = crate::PAGE_SIZE << MAX_PAGE_ORDER;
+        let phys_pages = (phys_bytes / block) * (1 << MAX_PAGE_ORDER);
+        if phys_pages == 0 {
+            return Err(Error::Config(format!("physical memory {phys_bytes} is smaller than one {block}-byte block")));
+        }
+        if phys_pages > u32::MAX as u64 {
+            return Err(Error::Config(format!("physical memory {phys_bytes} is above the 16 TiB this simulator can address")));
+        }
+        if !(0.0..=1.0).contains(&fragmentation) {
+            return Err(Error::Config(format!("fragmentation {fragmentation} is outside 0..1")));
+        }
+        Ok(PageAlloc {
+            map: MemMap::new(phys_pages as usize)?,
+            zone: SpinLock::new(Zone {
+                free: Default::default(),
+                frontier: 0,
+                nr_free: 0,
+                rng: seed ^ 0x9e37_79b9_7f4a_7c15 | 1,
+            }),
+            phys_pages,
+            fragmentation,
+            shared: AllocShared::default(),
+        })
+    }
+
+    /// `pfn_to_page()`.
+    #[inline(always)]
+    pub fn page(&self, pfn: u64) -> &Page {
+        debug_assert!((pfn as usize) < self.map.len);
+        // SAFETY: pfn is below phys_pages, the length of the map.
+        unsafe { &*self.map.base.add(pfn as usize) }
+    }
+
+    /// Allocates a block of `2^order` pages for `cpu`, from its per-CPU list
+    /// when the order has one. `None` when memory is exhausted.
+    #[inline]
+    pub fn alloc(&self, pcp: &mut PerCpuPages, order: usize, zl: &LockCounters) -> Option<u64> {
+        if pcp_allowed_order(order) {
+            let i = pcp_index(order);
+            if let Some(pfn) = pcp.lists[i].pop() {
+                pcp.count -= 1 << order;
+                return Some(pfn as u64);
+            }
+            // rmqueue_bulk(): refill a batch under the zone lock.
+            let n = (PCP_BATCH >> order).max(2);
+            let mut z = self.zone.lock(zl);
+            for _ in 0..n {
+                match self.rmqueue(&mut z, order) {
+                    Some(pfn) => {
+                        pcp.lists[i].push(pfn as u32);
+                        pcp.count += 1 << order;
+                    }
+                    None => break,
+                }
+            }
+            drop(z);
+            let pfn = pcp.lists[i].pop()?;
+            pcp.count -= 1 << order;
+            Some(pfn as u64)
+        } else {
+            let mut z = self.zone.lock(zl);
+            self.rmqueue(&mut z, order)
+        }
+    }
+
+    /// Frees a block, to the per-CPU list when its order has one; drains a
+    /// batch to the zone when the list grows past its high mark.
+    #[inline]
+    pub fn free(&self, pcp: &mut PerCpuPages, pfn: u64, order: usize, zl: &LockCounters) {
+        self.page(pfn).set_info(0);
+        if pcp_allowed_order(order) {
+            let i = pcp_index(order);
+            pcp.lists[i].push(pfn as u32);
+            pcp.count += 1 << order;
+            if pcp.count > PCP_HIGH {
+                self.drain_pcp(pcp, PCP_BATCH, zl);
+            }
+        } else {
+            let mut z = self.zone.lock(zl);
+            self.free_one(&mut z, pfn, order);
+        }
+    }
+
+    /// `free_pcppages_bulk()`: returns at least `pages` pages to the zone
+    /// (all when `pages` is u64::MAX), taking from every list in turn.
+    pub fn drain_pcp(&self, pcp: &mut PerCpuPages, pages: u64, zl: &LockCounters) {
+        let mut z = self.zone.lock(zl);
+        let mut freed = 0u64;
+        'outer: while freed < pages && pcp.count > 0 {
+            for i in 0..NR_PCP_LISTS {
+                let order = if i == PAGE_ALLOC_COSTLY_ORDER + 1 { PMD_ORDER } else { i };
+                // Oldest first, as the kernel frees from the tail.
+                if !pcp.lists[i].is_empty() {
+                    let pfn = pcp.lists[i].remove(0) as u64;
+                    pcp.count -= 1 << order;
+                    freed += 1 << order;
+                    self.free_one(&mut z, pfn, order);
+                    if freed >= pages {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `__rmqueue_smallest()` plus carving fresh blocks from the frontier.
+    fn rmqueue(&self, z: &mut Zone, order: usize) -> Option<u64> {
+        loop {
+            for o in order..=MAX_PAGE_ORDER {
+                if let Some(pfn) = z.free[o].pop() {
+                    let pfn = pfn as u64;
+                    self.page(pfn).set_info(0);
+                    z.nr_free -= 1 << o;
+                    self.expand(z, pfn, order, o);
+                    return Some(pfn);
+                }
+            }
+            if !self.carve(z) {
+                return None;
+            }
+        }
+    }
+
+    /// Takes the next never-used MAX_PAGE_ORDER block onto the free lists,
+    /// pinning pages in some of its pageblocks when fragmentation is on.
+    fn carve(&self, z: &mut Zone) -> bool {
+        let n = 1u64 << MAX_PAGE_ORDER;
+        if z.frontier + n > self.phys_pages {
+            return false;
+        }
+        let pfn = z.frontier;
+        z.frontier += n;
+        self.add_free(z, pfn, MAX_PAGE_ORDER);
+        if self.fragmentation > 0.0 {
+            let pb = 1u64 << PMD_ORDER;
+            for b in 0..(n / pb) {
+                if rand_unit(&mut z.rng) < self.fragmentation {
+                    let off = xorshift(&mut z.rng) % pb;
+                    self.take_pfn(z, pfn + b * pb + off);
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes one specific free frame from the buddy lists and pins it, as
+    /// an unmovable allocation would: what makes high orders scarce.
+    fn take_pfn(&self, z: &mut Zone, pfn: u64) {
+        for o in 0..=MAX_PAGE_ORDER {
+            let head = pfn & !((1u64 << o) - 1);
+            let info = self.page(head).info();
+            if info & PG_BUDDY != 0 && ((info & ORDER_MASK) >> ORDER_SHIFT) as usize == o {
+                self.del_free(z, head, o);
+                // Split down, keeping the halves without `pfn` free.
+                let mut start = head;
+                let mut order = o;
+                while order > 0 {
+                    order -= 1;
+                    let half = 1u64 << order;
+                    if pfn < start + half {
+                        self.add_free(z, start + half, order);
+                    } else {
+                        self.add_free(z, start, order);
+                        start += half;
+                    }
+                }
+                self.page(pfn).set_info(PG_PINNED);
+                self.shared.pinned.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// `expand()`: splits a block of `high` order down to `low`, putting the
+    /// upper halves on the free lists.
+    #[inline]
+    fn expand(&self, z: &mut Zone, pfn: u64, low: usize, mut high: usize) {
+        while high > low {
+            high -= 1;
+            self.add_free(z, pfn + (1 << high), high);
+        }
+    }
+
+    #[inline]
+    fn add_free(&self, z: &mut Zone, pfn: u64, order: usize) {
+        let p = self.page(pfn);
+        p.count.store(z.free[order].len() as u32, Relaxed);
+        p.set_info(PG_BUDDY | (order as u32) << ORDER_SHIFT);
+        z.free[order].push(pfn as u32);
+        z.nr_free += 1 << order;
+    }
+
+    #[inline]
+    fn del_free(&self, z: &mut Zone, pfn: u64, order: usize) {
+        let p = self.page(pfn);
+        let idx = p.count.load(Relaxed) as usize;
+        let list = &mut z.free[order];
+        debug_assert_eq!(list[idx] as u64, pfn);
+        list.swap_remove(idx);
+        if idx < list.len() {
+            self.page(list[idx] as u64).count.store(idx as u32, Relaxed);
+        }
+        p.set_info(0);
+        z.nr_free -= 1 << order;
+    }
+
+    /// `__free_one_page()`: merges with free buddies as far as it can.
+    fn free_one(&self, z: &mut Zone, mut pfn: u64, mut order: usize) {
+        while order < MAX_PAGE_ORDER {
+            let buddy = pfn ^ (1 << order);
+            let info = self.page(buddy).info();
+            if info & PG_BUDDY == 0 || ((info & ORDER_MASK) >> ORDER_SHIFT) as usize != order {
+                break;
+            }
+            self.del_free(z, buddy, order);
+            pfn &= !(1 << order);
+            order += 1;
+        }
+        self.add_free(z, pfn, order);
+    }
+
+    /// Free pages in the zone (lists plus the never-used remainder).
+    pub fn nr_free(&self, zl: &LockCounters) -> u64 {
+        let z = self.zone.lock(zl);
+        z.nr_free + (self.phys_pages - z.frontier)
+    }
+
+    /// Checks that the free lists agree with the memory map; returns the
+    /// number of free pages found.
+    pub fn check_free_lists(&self, zl: &LockCounters) -> std::result::Result<u64, String> {
+        let z = self.zone.lock(zl);
+        let mut n = 0;
+        for (o, list) in z.free.iter().enumerate() {
+            for (i, &pfn) in list.iter().enumerate() {
+                let p = self.page(pfn as u64);
+                if p.info() != PG_BUDDY | (o as u32) << ORDER_SHIFT || p.count.load(Relaxed) as usize != i {
+                    return Err(format!("free block {pfn:#x} of order {o} has a stale struct page"));
+                }
+                if pfn as u64 & ((1 << o) - 1) != 0 {
+                    return Err(format!("free block {pfn:#x} is not aligned to its order {o}"));
+                }
+                n += 1 << o;
+            }
+        }
+        if n != z.nr_free {
+            return Err(format!("free lists hold {n} pages but the zone counts {}", z.nr_free));
+        }
+        Ok(n + (self.phys_pages - z.frontier))
+    }
+
+    /// Frames ever touched (below the frontier): what to scan for folios.
+    pub fn frontier(&self, zl: &LockCounters) -> u64 {
+        self.zone.lock(zl).frontier
+    }
+
+    /// Host bytes used by the memory map so far.
+    pub fn host_bytes(&self, zl: &LockCounters) -> u64 {
+        self.frontier(zl) * std::mem::size_of::<Page>() as u64
+    }
+}
+
+/// A per-CPU counter of pages on this CPU's lists, readable by others.
+pub type PcpGauge = Counter;
+
+/// A seeded per-CPU random source for failure injection.
+pub struct FailInject {
+    pub fail_orders: u32,
+    pub fail_rate: f64,
+    pub rng: u64,
+}
+
+impl FailInject {
+    /// True when an allocation of `order` should fail.
+    #[inline(always)]
+    pub fn should_fail(&mut self, order: usize) -> bool {
+        if order == 0 {
+            return false;
+        }
+        if self.fail_orders & (1 << order) != 0 {
+            return true;
+        }
+        self.fail_rate > 0.0 && rand_unit(&mut self.rng) < self.fail_rate
+    }
+}
+
+pub fn new_counter() -> AtomicU64 {
+    AtomicU64::new(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buddy_splits_and_merges_back() {
+        let pa = PageAlloc::new(64 << 20, 0.0, 1).unwrap();
+        let zl = LockCounters::default();
+        let mut pcp = PerCpuPages::default();
+        let total = pa.phys_pages;
+        let mut got = vec![];
+        for order in [0usize, 4, 2, 9, 5, 0, 8] {
+            let pfn = pa.alloc(&mut pcp, order, &zl).unwrap();
+            assert_eq!(pfn & ((1 << order) - 1), 0, "aligned");
+            got.push((pfn, order));
+        }
+        for (pfn, order) in got {
+            pa.free(&mut pcp, pfn, order, &zl);
+        }
+        pa.drain_pcp(&mut pcp, u64::MAX, &zl);
+        assert_eq!(pcp.count, 0);
+        assert_eq!(pa.check_free_lists(&zl).unwrap(), total);
+        // Everything merged back into whole MAX_PAGE_ORDER blocks.
+        let z = pa.zone.lock(&zl);
+        assert!(z.free[..MAX_PAGE_ORDER].iter().all(|l| l.is_empty()));
+    }
+
+    #[test]
+    fn fragmentation_makes_high_orders_scarce() {
+        let pa = PageAlloc::new(64 << 20, 1.0, 7).unwrap();
+        let zl = LockCounters::default();
+        let mut pcp = PerCpuPages::default();
+        // Every pageblock has a pinned page: no order-9 block exists.
+        assert!(pa.alloc(&mut pcp, PMD_ORDER, &zl).is_none());
+        assert!(pa.alloc(&mut pcp, 4, &zl).is_some());
+        assert_eq!(pa.shared.pinned.load(Relaxed), pa.phys_pages / 512);
+    }
+
+    #[test]
+    fn exhaustion_returns_none() {
+        let pa = PageAlloc::new(4 << 20, 0.0, 1).unwrap();
+        let zl = LockCounters::default();
+        let mut pcp = PerCpuPages::default();
+        for _ in 0..1024 {
+            assert!(pa.alloc(&mut pcp, 0, &zl).is_some());
+        }
+        assert!(pa.alloc(&mut pcp, 0, &zl).is_none());
+    }
+}

@@ -1,0 +1,78 @@
+//! Running operations against an mm: trace replay, serially or on many
+//! simulated CPUs.
+
+use crate::error::Error;
+use crate::mm::{Cpu, Mm};
+use crate::stats::Stats;
+use crate::trace::{Op, OpKind};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Simulated CPUs (threads). 1 runs serially.
+    pub threads: usize,
+    /// Run the CPUs with a seeded interleaving instead of host threads.
+    pub deterministic: Option<u64>,
+    /// Check the invariants at the end (and fail the run if they break).
+    pub check_invariants: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub stats: Stats,
+    /// Wall seconds spent simulating.
+    pub elapsed_s: f64,
+    /// Operations completed.
+    pub ops_done: u64,
+    /// The first error (its trace line in `Error::AtLine`); the figures are
+    /// those of what ran before it.
+    pub error: Option<Error>,
+    /// Faults handled by each CPU, for fairness.
+    pub per_cpu_faults: Vec<u64>,
+}
+
+/// Runs one operation on `cpu`.
+#[inline]
+pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
+    let r = match op.kind {
+        OpKind::Write { addr } => mm.access(cpu, addr, true),
+        OpKind::Read { addr } => mm.access(cpu, addr, false),
+        OpKind::Mmap { addr, len, flags } => mm.mmap(cpu, addr, len, flags),
+        OpKind::Munmap { addr, len } => mm.munmap(cpu, addr, len),
+        OpKind::Madvise { addr, len, advice } => mm.madvise(cpu, addr, len, advice),
+    };
+    r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
+}
+
+pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut error: Option<Error>, check: bool) -> RunResult {
+    drop(cpus);
+    if check && error.is_none() {
+        if let Err(e) = mm.check_invariants() {
+            error = Some(Error::Config(format!("invariant violated: {e}")));
+        }
+    }
+    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults: crate::mm::cpu_ops(mm) }
+}
+
+/// Replays a parsed trace. Each `@T` thread runs its own lines in order.
+pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
+    let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
+    if opts.threads > 1 || opts.deterministic.is_some() {
+        return crate::workload::run_parallel_ops(mm, ops, nthreads, opts);
+    }
+    // Serially, in file order; each trace thread still has its own CPU.
+    let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    let mut error = None;
+    for op in ops {
+        let cpu = &mut cpus[op.thread as usize];
+        if let Err(e) = run_op(mm, cpu, op) {
+            error = Some(e);
+            break;
+        }
+        done += 1;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    finish(mm, cpus, elapsed, done, error, opts.check_invariants)
+}

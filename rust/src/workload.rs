@@ -1,0 +1,365 @@
+//! Built-in access patterns, generated on the fly (no address lists), and
+//! the multi-CPU runners.
+
+use crate::error::{Error, Result};
+use crate::mm::{Cpu, Mm};
+use crate::replay::{finish, run_op, RunOptions, RunResult};
+use crate::trace::{MmapFlags, Op};
+use crate::PAGE_SIZE;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// Every page, ascending.
+    Sequential,
+    /// Every page, descending.
+    Reverse,
+    /// Every `stride`-th page.
+    Stride,
+    /// A seeded random order over `fraction` of the pages (default all).
+    Random,
+    /// Each page with probability `fraction` (default 0.1), ascending.
+    Sparse,
+    /// will-it-scale's page_fault1: map, write a byte a page, unmap, repeat.
+    PageFault1,
+}
+
+impl WorkloadKind {
+    pub fn parse(s: &str) -> Result<WorkloadKind> {
+        Ok(match s {
+            "sequential" => WorkloadKind::Sequential,
+            "reverse" => WorkloadKind::Reverse,
+            "stride" => WorkloadKind::Stride,
+            "random" => WorkloadKind::Random,
+            "sparse" => WorkloadKind::Sparse,
+            "page_fault1" => WorkloadKind::PageFault1,
+            _ => {
+                return Err(Error::Config(format!(
+                    "unknown workload {s:?} (want sequential, reverse, stride, random, sparse or page_fault1)"
+                )))
+            }
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Sequential => "sequential",
+            WorkloadKind::Reverse => "reverse",
+            WorkloadKind::Stride => "stride",
+            WorkloadKind::Random => "random",
+            WorkloadKind::Sparse => "sparse",
+            WorkloadKind::PageFault1 => "page_fault1",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Each thread its own contiguous slice.
+    Disjoint,
+    /// Threads take turns page by page over the whole range.
+    Interleaved,
+}
+
+impl Sharing {
+    pub fn parse(s: &str) -> Result<Sharing> {
+        match s {
+            "disjoint" => Ok(Sharing::Disjoint),
+            "interleaved" => Ok(Sharing::Interleaved),
+            _ => Err(Error::Config(format!("unknown sharing {s:?} (want disjoint or interleaved)"))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Sharing::Disjoint => "disjoint",
+            Sharing::Interleaved => "interleaved",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    /// Bytes mapped (for page_fault1: per thread, default 128 MiB).
+    pub size: u64,
+    /// Pages between touches for `stride`.
+    pub stride: u64,
+    /// Fraction of pages for `random`/`sparse`; 0 means the default.
+    pub fraction: f64,
+    pub seed: u64,
+    /// page_fault1 rounds.
+    pub iterations: u64,
+    pub sharing: Sharing,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            kind: WorkloadKind::Sequential,
+            size: 1 << 30,
+            stride: 1,
+            fraction: 0.0,
+            seed: 0,
+            iterations: 1,
+            sharing: Sharing::Disjoint,
+        }
+    }
+}
+
+/// Where the workload's VMA starts: 1 GiB aligned, far from anything.
+pub const WORKLOAD_BASE: u64 = 0x1000_0000_0000;
+
+/// A bijection on [0, 2^k) mixed enough to look random; cycle-walked to [0, n).
+struct Permutation {
+    n: u64,
+    mask: u64,
+    k: u32,
+    a: u64,
+    b: u64,
+    c: u64,
+}
+
+impl Permutation {
+    fn new(n: u64, seed: u64) -> Permutation {
+        let k = 64 - n.max(2).saturating_sub(1).leading_zeros();
+        let mut s = seed ^ 0x2545_f491_4f6c_dd1d | 1;
+        let mut r = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        Permutation { n, mask: (1u64 << k) - 1, k, a: r() | 1, b: r(), c: r() | 1 }
+    }
+    #[inline]
+    fn f(&self, mut x: u64) -> u64 {
+        let h = (self.k / 2).max(1);
+        for _ in 0..2 {
+            x = x.wrapping_mul(self.a).wrapping_add(self.b) & self.mask;
+            x ^= x >> h;
+            x = x.wrapping_mul(self.c) & self.mask;
+        }
+        x
+    }
+    #[inline]
+    fn get(&self, i: u64) -> u64 {
+        let mut x = self.f(i);
+        while x >= self.n {
+            x = self.f(x);
+        }
+        x
+    }
+}
+
+#[inline]
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+impl Workload {
+    fn check(&self) -> Result<()> {
+        if self.size == 0 || self.size % PAGE_SIZE != 0 {
+            return Err(Error::Config(format!("size {} is not a positive multiple of 4096", self.size)));
+        }
+        if self.size > 1 << 46 {
+            return Err(Error::Config(format!("size {} is larger than the 64 TiB this simulator maps", self.size)));
+        }
+        if self.stride == 0 {
+            return Err(Error::Config("stride must be at least 1 page".into()));
+        }
+        if !(0.0..=1.0).contains(&self.fraction) {
+            return Err(Error::Config(format!("fraction {} is outside 0..1", self.fraction)));
+        }
+        Ok(())
+    }
+
+    fn fraction_or(&self, d: f64) -> f64 {
+        if self.fraction > 0.0 {
+            self.fraction
+        } else {
+            d
+        }
+    }
+
+    /// The number of touches in the whole pattern (over all threads).
+    pub fn touches(&self) -> u64 {
+        let n = self.size / PAGE_SIZE;
+        match self.kind {
+            WorkloadKind::Sequential | WorkloadKind::Reverse | WorkloadKind::PageFault1 => n,
+            WorkloadKind::Stride => n.div_ceil(self.stride),
+            WorkloadKind::Random => ((n as f64) * self.fraction_or(1.0)).ceil() as u64,
+            WorkloadKind::Sparse => n, // candidates; each kept with probability `fraction`
+        }
+    }
+
+    /// The page touched at step `i` of the pattern, or None if step `i`
+    /// touches nothing (sparse).
+    #[inline]
+    pub fn page(&self, perm: Option<&PermutationRef>, i: u64) -> Option<u64> {
+        let n = self.size / PAGE_SIZE;
+        match self.kind {
+            WorkloadKind::Sequential | WorkloadKind::PageFault1 => Some(i),
+            WorkloadKind::Reverse => Some(n - 1 - i),
+            WorkloadKind::Stride => Some(i * self.stride),
+            WorkloadKind::Random => Some(perm.expect("random needs a permutation").0.get(i)),
+            WorkloadKind::Sparse => {
+                let f = self.fraction_or(0.1);
+                ((mix(i ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 11) as f64 / (1u64 << 53) as f64) < f
+            }
+            .then_some(i),
+        }
+    }
+
+    /// Which steps of the pattern thread `t` of `nt` runs, as (start, end, step).
+    pub fn share(&self, t: u64, nt: u64) -> (u64, u64, u64) {
+        let total = self.touches();
+        match self.sharing {
+            Sharing::Disjoint => {
+                let per = total.div_ceil(nt);
+                ((t * per).min(total), ((t + 1) * per).min(total), 1)
+            }
+            Sharing::Interleaved => (t, total, nt),
+        }
+    }
+}
+
+pub struct PermutationRef(Permutation);
+
+/// Runs a built-in workload.
+pub fn run_workload(mm: &Mm, w: &Workload, opts: &RunOptions) -> RunResult {
+    let threads = opts.threads.max(1);
+    if let Err(e) = w.check() {
+        return finish(mm, vec![], 0.0, 0, Some(e), false);
+    }
+    let perm = (w.kind == WorkloadKind::Random).then(|| PermutationRef(Permutation::new(w.size / PAGE_SIZE, w.seed)));
+    if threads > 1 || opts.deterministic.is_some() {
+        return run_parallel_workload(mm, w, perm.as_ref(), threads, opts);
+    }
+    let mut cpu = mm.cpu(0);
+    if let Err(e) = map_workload(mm, &mut cpu, w) {
+        return finish(mm, vec![cpu], 0.0, 0, Some(e), false);
+    }
+    let t0 = Instant::now();
+    let r = run_share(mm, &mut cpu, w, perm.as_ref(), 0, 1);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (done, err) = match r {
+        Ok(n) => (n, None),
+        Err((n, e)) => (n, Some(e)),
+    };
+    finish(mm, vec![cpu], elapsed, done, err, opts.check_invariants)
+}
+
+/// Runs thread `t`'s share of a workload on `cpu`; returns operations done.
+fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>, t: u64, nt: u64) -> std::result::Result<u64, (u64, Error)> {
+    let mut done = 0u64;
+    if w.kind == WorkloadKind::PageFault1 {
+        // Each task maps its own region, as will-it-scale's processes/threads do.
+        let base = WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE);
+        for _ in 0..w.iterations.max(1) {
+            mm.mmap(cpu, base, w.size, MmapFlags { hugepage: true, ..Default::default() }).map_err(|e| (done, e))?;
+            mm.begin_batch(cpu);
+            for p in 0..w.size / PAGE_SIZE {
+                if let Err(e) = mm.access(cpu, base + p * PAGE_SIZE, true) {
+                    mm.end_batch(cpu);
+                    return Err((done, e));
+                }
+                done += 1;
+            }
+            mm.end_batch(cpu);
+            mm.munmap(cpu, base, w.size).map_err(|e| (done, e))?;
+        }
+        return Ok(done);
+    }
+    let (s, e, step) = w.share(t, nt);
+    mm.begin_batch(cpu);
+    let mut i = s;
+    while i < e {
+        if let Some(p) = w.page(perm, i) {
+            if let Err(err) = mm.access(cpu, WORKLOAD_BASE + p * PAGE_SIZE, true) {
+                mm.end_batch(cpu);
+                return Err((done, err));
+            }
+            done += 1;
+            mm.read_yield(cpu);
+        }
+        i += step;
+    }
+    mm.end_batch(cpu);
+    Ok(done)
+}
+
+/// Maps the workload's VMA (advised with MADV_HUGEPAGE).
+pub fn map_workload(mm: &Mm, cpu: &mut Cpu, w: &Workload) -> Result<()> {
+    if w.kind == WorkloadKind::PageFault1 {
+        return Ok(());
+    }
+    mm.mmap(cpu, WORKLOAD_BASE, w.size, MmapFlags { hugepage: true, ..Default::default() })
+}
+
+pub(crate) fn run_parallel_workload(mm: &Mm, w: &Workload, perm: Option<&PermutationRef>, threads: usize, opts: &RunOptions) -> RunResult {
+    let mut cpus: Vec<Cpu> = (0..threads).map(|i| mm.cpu(i)).collect();
+    if let Err(e) = map_workload(mm, &mut cpus[0], w) {
+        return finish(mm, cpus, 0.0, 0, Some(e), false);
+    }
+    let t0 = Instant::now();
+    let nt = threads as u64;
+    let results: Vec<std::result::Result<u64, (u64, Error)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = cpus
+            .iter_mut()
+            .enumerate()
+            .map(|(t, cpu)| s.spawn(move || run_share(mm, cpu, w, perm, t as u64, nt)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(Err((0, Error::Config("a simulated CPU panicked".into()))))).collect()
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut done = 0;
+    let mut err = None;
+    for r in results {
+        match r {
+            Ok(n) => done += n,
+            Err((n, e)) => {
+                done += n;
+                err.get_or_insert(e);
+            }
+        }
+    }
+    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+}
+
+/// Runs trace operations on `nthreads` CPUs at once, each thread its own lines.
+pub(crate) fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
+    let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
+    let per: Vec<Vec<&Op>> = (0..nthreads).map(|t| ops.iter().filter(|o| o.thread as usize == t).collect()).collect();
+    let t0 = Instant::now();
+    let results: Vec<std::result::Result<u64, (u64, Error)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = cpus
+            .iter_mut()
+            .zip(per.iter())
+            .map(|(cpu, mine)| {
+                s.spawn(move || {
+                    let mut n = 0u64;
+                    for op in mine {
+                        run_op(mm, cpu, op).map_err(|e| (n, e))?;
+                        n += 1;
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(Err((0, Error::Config("a simulated CPU panicked".into()))))).collect()
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut done = 0;
+    let mut err = None;
+    for r in results {
+        match r {
+            Ok(n) => done += n,
+            Err((n, e)) => {
+                done += n;
+                err.get_or_insert(e);
+            }
+        }
+    }
+    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+}
