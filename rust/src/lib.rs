@@ -25,6 +25,7 @@ pub mod mm;
 pub mod page_alloc;
 pub mod pgtable;
 pub mod replay;
+pub mod sched;
 pub mod stats;
 pub mod trace;
 pub mod vma;

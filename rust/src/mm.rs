@@ -25,6 +25,10 @@ pub enum Point {
     AfterAlloc,
     /// About to take the PTL.
     BeforeLock,
+    /// Between two operations of a CPU.
+    OpBoundary,
+    /// Waiting for the mmap lock: someone else must run.
+    Blocked,
 }
 
 /// What one CPU publishes: its counters and its mmap-lock reader slot.
@@ -454,6 +458,7 @@ impl MmInner {
             }
             cpu.pc.reader.store(0, SeqCst);
             while self.writer.load(Relaxed) {
+                cpu.preempt(Point::Blocked);
                 std::thread::yield_now();
             }
         }
@@ -479,27 +484,31 @@ impl MmInner {
         if held {
             self.read_unlock(cpu);
         }
-        let lc = &cpu.pc.mmap_lock;
-        lc.acquisitions.inc();
+        cpu.pc.mmap_lock.acquisitions.inc();
         let g = match self.wlock.try_lock() {
             Ok(g) => g,
             Err(_) => {
-                lc.contended.inc();
-                self.wlock.lock().unwrap()
+                cpu.pc.mmap_lock.contended.inc();
+                loop {
+                    cpu.preempt(Point::Blocked);
+                    if let Ok(g) = self.wlock.try_lock() {
+                        break g;
+                    }
+                    std::thread::yield_now();
+                }
             }
         };
         self.writer.store(true, SeqCst);
-        {
-            let cpus = self.cpus.lock().unwrap();
-            for pc in cpus.iter() {
-                let mut spins = 0;
-                while pc.reader.load(SeqCst) != 0 {
-                    spins += 1;
-                    std::thread::yield_now();
-                }
-                lc.spins.add(spins);
+        let readers: Vec<Arc<PerCpu>> = self.cpus.lock().unwrap().clone();
+        let mut spins = 0;
+        for pc in readers.iter() {
+            while pc.reader.load(SeqCst) != 0 {
+                spins += 1;
+                cpu.preempt(Point::Blocked);
+                std::thread::yield_now();
             }
         }
+        cpu.pc.mmap_lock.spins.add(spins);
         let r = f(self, cpu);
         cpu.sync_pcp_gauge();
         self.writer.store(false, SeqCst);

@@ -470,11 +470,7 @@ fn translate(ops: &[Op]) -> Result<(Reservation, Vec<RawOp>)> {
 // ---------------------------------------------------------------------------
 // Reading what the kernel reports
 
-fn read_i64(path: &str) -> Option<i64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// The `hugepages-*` folders, smallest first: (size name, path).
+/// The `hugepages-*` folders, smallest first: (size in kB, path).
 fn size_dirs() -> Vec<(u64, String)> {
     let mut v = Vec::new();
     if let Ok(rd) = std::fs::read_dir(THP_DIR) {
@@ -491,32 +487,118 @@ fn size_dirs() -> Vec<(u64, String)> {
     v
 }
 
-type MthpSnap = Vec<(String, Vec<(&'static str, i64)>)>;
-
-fn read_mthp(dirs: &[(u64, String)]) -> MthpSnap {
-    dirs.iter()
-        .map(|(kb, dir)| {
-            let vals = MTHP_COUNTERS
-                .iter()
-                .filter_map(|&c| read_i64(&format!("{dir}/stats/{c}")).map(|v| (c, v)))
-                .collect();
-            (format!("{kb}kB"), vals)
-        })
-        .collect()
+/// Reads the kernel's counters without allocating, so that taking a
+/// snapshot cannot itself fault in new heap pages (which, with a THP knob
+/// at `always`, would show up in the very counters being read).
+struct Probe {
+    /// One `hugepages-*/stats/<counter>` file each: (size index, counter, path).
+    files: Vec<(usize, &'static str, std::ffi::CString)>,
+    sizes: Vec<String>,
+    /// Counters of `/proc/vmstat` found there.
+    vmstat: Vec<&'static str>,
+    buf: Vec<u8>,
 }
 
-fn read_vmstat() -> Vec<(&'static str, i64)> {
-    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
-    VMSTAT_COUNTERS
-        .iter()
-        .filter_map(|&c| {
-            text.lines().find_map(|l| {
-                let mut it = l.split_whitespace();
-                (it.next() == Some(c)).then(|| it.next().and_then(|v| v.parse().ok())).flatten()
-            })
-            .map(|v| (c, v))
-        })
-        .collect()
+const VMSTAT_PATH: &std::ffi::CStr = c"/proc/vmstat";
+
+/// A snapshot: the file values in `Probe::files` order, then `Probe::vmstat`.
+type Snap = Vec<i64>;
+
+impl Probe {
+    fn new() -> Probe {
+        let mut files = Vec::new();
+        let mut sizes = Vec::new();
+        for (i, (kb, dir)) in size_dirs().into_iter().enumerate() {
+            sizes.push(format!("{kb}kB"));
+            for &c in MTHP_COUNTERS {
+                let path = format!("{dir}/stats/{c}");
+                if std::fs::metadata(&path).is_ok() {
+                    if let Ok(cs) = std::ffi::CString::new(path) {
+                        files.push((i, c, cs));
+                    }
+                }
+            }
+        }
+        let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+        let vmstat = VMSTAT_COUNTERS
+            .iter()
+            .copied()
+            .filter(|c| text.lines().any(|l| l.split_whitespace().next() == Some(*c)))
+            .collect();
+        // Touched, so that reading into it faults nothing.
+        let buf = vec![1u8; (text.len() * 4).max(64 << 10)];
+        Probe { files, sizes, vmstat, buf }
+    }
+
+    fn new_snap(&self) -> Snap {
+        vec![0i64; self.files.len() + self.vmstat.len()]
+    }
+
+    /// Reads a whole file into `buf` with plain syscalls; returns its length.
+    fn read_file(buf: &mut [u8], path: &std::ffi::CStr) -> usize {
+        // SAFETY: NUL-terminated path; reads into our own buffer.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return 0;
+            }
+            let mut n = 0usize;
+            while n < buf.len() {
+                let r = libc::read(fd, buf[n..].as_mut_ptr().cast(), buf.len() - n);
+                if r <= 0 {
+                    break;
+                }
+                n += r as usize;
+            }
+            libc::close(fd);
+            n
+        }
+    }
+
+    fn parse_int(b: &[u8]) -> i64 {
+        let mut v = 0i64;
+        let mut neg = false;
+        for (i, &c) in b.iter().enumerate() {
+            match c {
+                b'-' if i == 0 => neg = true,
+                b'0'..=b'9' => v = v.wrapping_mul(10).wrapping_add((c - b'0') as i64),
+                _ => break,
+            }
+        }
+        if neg {
+            -v
+        } else {
+            v
+        }
+    }
+
+    /// Fills `out` (from [`Probe::new_snap`]) without allocating.
+    fn read(&mut self, out: &mut Snap) {
+        let Probe { files, vmstat, buf, .. } = self;
+        for (k, (_, _, path)) in files.iter().enumerate() {
+            let n = Self::read_file(buf, path);
+            out[k] = Self::parse_int(&buf[..n]);
+        }
+        let base = files.len();
+        let n = Self::read_file(buf, VMSTAT_PATH);
+        for line in buf[..n].split(|&c| c == b'\n') {
+            let Some(sp) = line.iter().position(|&c| c == b' ') else { continue };
+            let (name, rest) = (&line[..sp], &line[sp + 1..]);
+            if let Some(j) = vmstat.iter().position(|c| c.as_bytes() == name) {
+                out[base + j] = Self::parse_int(rest);
+            }
+        }
+    }
+
+    fn deltas(&self, before: &Snap, after: &Snap) -> (Vec<(String, Vec<(&'static str, i64)>)>, Vec<(&'static str, i64)>) {
+        let mut mthp: Vec<(String, Vec<(&'static str, i64)>)> = self.sizes.iter().map(|s| (s.clone(), Vec::new())).collect();
+        for (k, &(i, c, _)) in self.files.iter().enumerate() {
+            mthp[i].1.push((c, after[k] - before[k]));
+        }
+        let base = self.files.len();
+        let vm = self.vmstat.iter().enumerate().map(|(j, &c)| (c, after[base + j] - before[base + j])).collect();
+        (mthp, vm)
+    }
 }
 
 /// (Rss, AnonHugePages) in bytes over the smaps entries inside [lo, hi).
@@ -604,30 +686,6 @@ fn harness_overhead() -> u64 {
     (0..5).map(|_| measured(&[], -1).0).min().unwrap_or(0)
 }
 
-fn delta_mthp(before: &MthpSnap, after: &MthpSnap) -> MthpSnap {
-    after
-        .iter()
-        .map(|(size, vals)| {
-            let b = before.iter().find(|(s, _)| s == size);
-            let d = vals
-                .iter()
-                .map(|&(c, v)| {
-                    let v0 = b.and_then(|(_, bv)| bv.iter().find(|(n, _)| *n == c)).map_or(v, |&(_, x)| x);
-                    (c, v - v0)
-                })
-                .collect();
-            (size.clone(), d)
-        })
-        .collect()
-}
-
-fn delta_vmstat(before: &[(&'static str, i64)], after: &[(&'static str, i64)]) -> Vec<(&'static str, i64)> {
-    after
-        .iter()
-        .map(|&(c, v)| (c, v - before.iter().find(|(n, _)| *n == c).map_or(v, |&(_, x)| x)))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 
 /// Replays `ops` on the running kernel in this process and reports what the
@@ -643,14 +701,16 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
     let harness = harness_overhead();
 
     let (res, raw) = translate(ops)?;
-    let dirs = size_dirs();
     let release = kernel_release();
+    let mut probe = Probe::new();
+    let (mut s0, mut s1) = (probe.new_snap(), probe.new_snap());
+    // Warm the probe too (page cache, sysfs attribute buffers, our buffer).
+    probe.read(&mut s0);
+    probe.read(&mut s1);
 
-    let mthp0 = read_mthp(&dirs);
-    let vm0 = read_vmstat();
+    probe.read(&mut s0);
     let (faults, elapsed_s, err) = measured(&raw, uffd.0);
-    let mthp1 = read_mthp(&dirs);
-    let vm1 = read_vmstat();
+    probe.read(&mut s1);
     let (rss_bytes, anon_huge_bytes) = smaps_rss(res.lo, res.lo + res.len)?;
 
     if let Some(e) = err {
@@ -659,14 +719,15 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
     // Unregister (closing the userfaultfd) and unmap only after measuring.
     drop(uffd);
     drop(res);
+    let (mthp, vmstat) = probe.deltas(&s0, &s1);
 
     Ok(KernelRun {
         faults: faults.saturating_sub(harness),
         rss_bytes,
         anon_huge_bytes,
         elapsed_s,
-        mthp: delta_mthp(&mthp0, &mthp1),
-        vmstat: delta_vmstat(&vm0, &vm1),
+        mthp,
+        vmstat,
         kernel_release: release,
         harness_faults: harness,
     })

@@ -76,3 +76,70 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
     let elapsed = t0.elapsed().as_secs_f64();
     finish(mm, cpus, elapsed, done, error, opts.check_invariants)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Policy};
+    use crate::trace::parse;
+
+    /// CPU 0 writes page 0 while CPU 1 reads page 8 of the same 64 KiB
+    /// range: if CPU 1's zero-page PTE lands between CPU 0's lockless
+    /// estimate and its re-check, CPU 0 loses the race.
+    const RACE: &str = "mmap 0x7f0000000000 0x200000\n@0 w 0x7f0000000000\n@1 r 0x7f0000008000\n";
+
+    fn run(policy: Policy, seed: u64) -> RunResult {
+        let mut c = Config::default();
+        c.policy = policy;
+        for s in ["16kB=always", "32kB=always", "64kB=always", "2048kB=never"] {
+            c.set_size_mode(s).unwrap();
+        }
+        c.memory.phys_bytes = 64 << 20;
+        let mm = Mm::new(c).unwrap();
+        let r = replay(&mm, &parse(RACE).unwrap(), &RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true });
+        assert!(r.error.is_none(), "{:?}", r.error);
+        r
+    }
+
+    /// The first seed under which CPU 0 loses the race.
+    fn racing_seed(policy: Policy) -> u64 {
+        (0..200).find(|&s| run(policy, s).stats.race.races > 0).expect("some seed races")
+    }
+
+    #[test]
+    fn a_chosen_race_reproduces_with_its_outcome() {
+        for policy in [Policy::Upstream, Policy::V1, Policy::Preferred] {
+            let seed = racing_seed(policy);
+            let a = run(policy, seed);
+            let b = run(policy, seed);
+            assert_eq!(a.stats, b.stats, "{policy:?}: same seed, same result");
+            let s = &a.stats;
+            assert_eq!(s.race.races, 1);
+            assert_eq!(s.race.folios_wasted, 1);
+            assert_eq!(s.race.pages_wasted, 16, "the lost folio was the 64 KiB one");
+            match policy {
+                Policy::V1 => {
+                    // Re-checked under the PTL, retried one order lower: 32 KiB.
+                    assert_eq!(s.race.retries, 1);
+                    assert_eq!(s.race.refaults, 0);
+                    assert_eq!(s.faults(), 2);
+                    assert_eq!(s.mthp[3].anon_fault_alloc, 1);
+                }
+                Policy::Upstream => {
+                    // Dropped, refaulted, and the new estimate picks 32 KiB.
+                    assert_eq!(s.race.retries, 0);
+                    assert_eq!(s.race.refaults, 1);
+                    assert_eq!(s.faults(), 3);
+                    assert_eq!(s.mthp[3].anon_fault_alloc, 1);
+                }
+                Policy::Preferred => {
+                    // Dropped, refaulted; 64 KiB no longer fits: order 0.
+                    assert_eq!(s.race.refaults, 1);
+                    assert_eq!(s.faults(), 3);
+                    assert_eq!(s.folio_orders[0], 1);
+                    assert_eq!(s.rss_pages, 1);
+                }
+            }
+        }
+    }
+}

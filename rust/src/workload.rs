@@ -6,6 +6,9 @@ use crate::mm::{Cpu, Mm};
 use crate::replay::{finish, run_op, RunOptions, RunResult};
 use crate::trace::{MmapFlags, Op};
 use crate::PAGE_SIZE;
+use crate::mm::Point;
+use crate::sched::DetSched;
+use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +263,7 @@ fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>
             mm.mmap(cpu, base, w.size, MmapFlags { hugepage: true, ..Default::default() }).map_err(|e| (done, e))?;
             mm.begin_batch(cpu);
             for p in 0..w.size / PAGE_SIZE {
+                cpu.preempt(Point::OpBoundary);
                 if let Err(e) = mm.access(cpu, base + p * PAGE_SIZE, true) {
                     mm.end_batch(cpu);
                     return Err((done, e));
@@ -281,6 +285,7 @@ fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>
                 return Err((done, err));
             }
             done += 1;
+            cpu.preempt(Point::OpBoundary);
             mm.read_yield(cpu);
         }
         i += step;
@@ -297,69 +302,149 @@ pub fn map_workload(mm: &Mm, cpu: &mut Cpu, w: &Workload) -> Result<()> {
     mm.mmap(cpu, WORKLOAD_BASE, w.size, MmapFlags { hugepage: true, ..Default::default() })
 }
 
+/// Runs `job(t, cpu)` for every CPU at once: on host threads of a rayon
+/// pool (one worker per simulated CPU, so a CPU spinning on a lock never
+/// starves the holder of a worker), or, with `deterministic`, one at a time
+/// under a seeded [`DetSched`].
+fn run_cpus<F>(mm: &Mm, mut cpus: Vec<Cpu>, opts: &RunOptions, job: F) -> RunResult
+where
+    F: Fn(usize, &mut Cpu) -> std::result::Result<u64, (u64, Error)> + Sync,
+{
+    let n = cpus.len();
+    let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, DEFAULT_SWITCH_PROB));
+    if let Some(s) = &sched {
+        for (i, cpu) in cpus.iter_mut().enumerate() {
+            cpu.sched = Some(s.hook(i));
+        }
+    }
+    let pool = match rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("cpu{i}")).build() {
+        Ok(p) => p,
+        Err(e) => return finish(mm, cpus, 0.0, 0, Some(Error::Config(format!("cannot start {n} CPU threads: {e}"))), false),
+    };
+    let results: Mutex<Vec<(usize, std::result::Result<u64, (u64, Error)>)>> = Mutex::new(Vec::with_capacity(n));
+    let t0 = Instant::now();
+    pool.scope(|s| {
+        for (t, cpu) in cpus.iter_mut().enumerate() {
+            let (job, results, sched) = (&job, &results, &sched);
+            s.spawn(move |_| {
+                if let Some(sc) = sched {
+                    sc.wait_turn(t);
+                }
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(t, cpu)))
+                    .unwrap_or_else(|_| Err((0, Error::Config(format!("simulated CPU {t} panicked")))));
+                if let Some(sc) = sched {
+                    sc.finish(t);
+                }
+                results.lock().unwrap().push((t, r));
+            });
+        }
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|(t, _)| *t);
+    let mut done = 0;
+    let mut err = None;
+    for (_, r) in results {
+        match r {
+            Ok(k) => done += k,
+            Err((k, e)) => {
+                done += k;
+                err.get_or_insert(e);
+            }
+        }
+    }
+    for cpu in cpus.iter_mut() {
+        cpu.sched = None;
+    }
+    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+}
+
+/// How often a deterministic run switches CPUs at a fault-path point.
+pub const DEFAULT_SWITCH_PROB: f64 = 0.5;
+
 pub(crate) fn run_parallel_workload(mm: &Mm, w: &Workload, perm: Option<&PermutationRef>, threads: usize, opts: &RunOptions) -> RunResult {
     let mut cpus: Vec<Cpu> = (0..threads).map(|i| mm.cpu(i)).collect();
     if let Err(e) = map_workload(mm, &mut cpus[0], w) {
         return finish(mm, cpus, 0.0, 0, Some(e), false);
     }
-    let t0 = Instant::now();
     let nt = threads as u64;
-    let results: Vec<std::result::Result<u64, (u64, Error)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = cpus
-            .iter_mut()
-            .enumerate()
-            .map(|(t, cpu)| s.spawn(move || run_share(mm, cpu, w, perm, t as u64, nt)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(Err((0, Error::Config("a simulated CPU panicked".into()))))).collect()
-    });
-    let elapsed = t0.elapsed().as_secs_f64();
-    let mut done = 0;
-    let mut err = None;
-    for r in results {
-        match r {
-            Ok(n) => done += n,
-            Err((n, e)) => {
-                done += n;
-                err.get_or_insert(e);
-            }
-        }
-    }
-    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+    run_cpus(mm, cpus, opts, |t, cpu| run_share(mm, cpu, w, perm, t as u64, nt))
 }
 
 /// Runs trace operations on `nthreads` CPUs at once, each thread its own lines.
 pub(crate) fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
-    let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
-    let per: Vec<Vec<&Op>> = (0..nthreads).map(|t| ops.iter().filter(|o| o.thread as usize == t).collect()).collect();
-    let t0 = Instant::now();
-    let results: Vec<std::result::Result<u64, (u64, Error)>> = std::thread::scope(|s| {
-        let hs: Vec<_> = cpus
-            .iter_mut()
-            .zip(per.iter())
-            .map(|(cpu, mine)| {
-                s.spawn(move || {
-                    let mut n = 0u64;
-                    for op in mine {
-                        run_op(mm, cpu, op).map_err(|e| (n, e))?;
-                        n += 1;
-                    }
-                    Ok(n)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(Err((0, Error::Config("a simulated CPU panicked".into()))))).collect()
-    });
-    let elapsed = t0.elapsed().as_secs_f64();
-    let mut done = 0;
-    let mut err = None;
-    for r in results {
-        match r {
-            Ok(n) => done += n,
-            Err((n, e)) => {
-                done += n;
-                err.get_or_insert(e);
-            }
+    let cpus: Vec<Cpu> = (0..nthreads.max(opts.threads).max(1)).map(|i| mm.cpu(i)).collect();
+    let per: Vec<Vec<&Op>> = (0..cpus.len()).map(|t| ops.iter().filter(|o| o.thread as usize == t).collect()).collect();
+    run_cpus(mm, cpus, opts, |t, cpu| {
+        let mut n = 0u64;
+        for op in &per[t] {
+            cpu.preempt(Point::OpBoundary);
+            run_op(mm, cpu, op).map_err(|e| (n, e))?;
+            n += 1;
+        }
+        Ok(n)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Policy};
+
+    fn cfg(policy: Policy, sizes: &[&str]) -> Config {
+        let mut c = Config::default();
+        c.policy = policy;
+        for s in sizes {
+            c.set_size_mode(s).unwrap();
+        }
+        c.memory.phys_bytes = 1 << 30;
+        c
+    }
+
+    fn run(c: Config, w: &Workload, threads: usize, det: Option<u64>) -> RunResult {
+        let mm = Mm::new(c).unwrap();
+        let r = run_workload(&mm, w, &RunOptions { threads, deterministic: det, check_invariants: true });
+        assert!(r.error.is_none(), "{:?}", r.error);
+        r
+    }
+
+    #[test]
+    fn patterns_touch_what_they_say() {
+        let c = || cfg(Policy::Upstream, &["2048kB=never"]);
+        let mk = |kind, stride, fraction| Workload { kind, size: 4 << 20, stride, fraction, seed: 3, ..Default::default() };
+        assert_eq!(run(c(), &mk(WorkloadKind::Sequential, 1, 0.0), 1, None).stats.faults(), 1024);
+        assert_eq!(run(c(), &mk(WorkloadKind::Reverse, 1, 0.0), 1, None).stats.faults(), 1024);
+        assert_eq!(run(c(), &mk(WorkloadKind::Stride, 3, 0.0), 1, None).stats.faults(), 342);
+        assert_eq!(run(c(), &mk(WorkloadKind::Random, 1, 0.0), 1, None).stats.faults(), 1024);
+        assert_eq!(run(c(), &mk(WorkloadKind::Random, 1, 0.5), 1, None).stats.faults(), 512);
+        let sparse = run(c(), &mk(WorkloadKind::Sparse, 1, 0.1), 1, None).stats.faults();
+        assert!((60..150).contains(&sparse), "{sparse}");
+        let pf1 = Workload { kind: WorkloadKind::PageFault1, size: 1 << 20, iterations: 3, ..Default::default() };
+        let r = run(c(), &pf1, 2, None);
+        assert_eq!(r.stats.faults(), 2 * 3 * 256);
+        assert_eq!(r.stats.rss_pages, 0);
+    }
+
+    #[test]
+    fn interleaved_threads_lose_nothing() {
+        for policy in [Policy::Upstream, Policy::V1, Policy::Preferred] {
+            let w = Workload { size: 16 << 20, sharing: Sharing::Interleaved, ..Default::default() };
+            let r = run(cfg(policy, &["64kB=always", "16kB=always", "2048kB=never"]), &w, 2, None);
+            assert_eq!(r.stats.rss_pages, 4096, "{policy:?}");
         }
     }
-    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+
+    #[test]
+    fn deterministic_runs_repeat_bit_for_bit() {
+        for policy in [Policy::Upstream, Policy::V1, Policy::Preferred] {
+            let w = Workload { size: 4 << 20, sharing: Sharing::Interleaved, ..Default::default() };
+            let c = || cfg(policy, &["64kB=always", "16kB=always", "2048kB=never"]);
+            let a = run(c(), &w, 8, Some(42));
+            let b = run(c(), &w, 8, Some(42));
+            assert_eq!(a.stats, b.stats, "{policy:?}");
+            assert_eq!(a.per_cpu_faults, b.per_cpu_faults);
+            assert!(a.stats.race.races > 0, "{policy:?}: interleaved CPUs should race");
+            assert_eq!(a.stats.rss_pages, 1024);
+        }
+    }
 }
