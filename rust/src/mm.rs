@@ -198,8 +198,23 @@ impl Mm {
     pub fn mmap(&self, cpu: &mut Cpu, addr: u64, len: u64, flags: MmapFlags) -> Result<()> {
         check_range(addr, len, 0)?;
         let cfg = &self.cfg;
+        // As the trace means it: mmap(), then userfaultfd registration and
+        // madvise() on the new range, each of which may split and merge.
+        let orders = |f: VmFlags| cfg.allowable_orders(f.hugepage, f.nohugepage);
         self.with_write_lock(cpu, |mm, _| {
-            mm.vmas_mut().mmap(addr, len, flags.into(), |f: VmFlags| cfg.allowable_orders(f.hugepage, f.nohugepage))
+            let t = mm.vmas_mut();
+            t.mmap(addr, len, VmFlags::default(), orders)?;
+            let end = addr + len;
+            if flags.uffd_wp {
+                t.modify_flags(addr, end, orders, |f| f.uffd_wp = true);
+            }
+            if flags.hugepage {
+                t.madvise_flags(addr, end, Advice::HugePage, orders);
+            }
+            if flags.nohugepage {
+                t.madvise_flags(addr, end, Advice::NoHugePage, orders);
+            }
+            Ok(())
         })
     }
 

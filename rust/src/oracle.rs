@@ -305,10 +305,10 @@ fn check_vmas(ops: &[Op]) -> Result<()> {
             OpKind::Mmap { addr, len, .. } => {
                 let end = addr + len;
                 if vmas.iter().any(|&(s, e)| s < end && addr < e) {
-                    return Err(Error::Overlap(format!(
-                        "line {}: mmap {addr:#x}+{len:#x} overlaps an existing mapping",
-                        op.line
-                    )));
+                    return Err(Error::AtLine(
+                        op.line,
+                        Box::new(Error::Overlap(format!("mmap {addr:#x}+{len:#x} overlaps an existing mapping"))),
+                    ));
                 }
                 let i = vmas.partition_point(|&(s, _)| s < addr);
                 vmas.insert(i, (addr, end));
@@ -333,11 +333,7 @@ fn check_vmas(ops: &[Op]) -> Result<()> {
             OpKind::Madvise { .. } => {}
             OpKind::Write { addr } | OpKind::Read { addr } => {
                 if !vmas.iter().any(|&(s, e)| s <= addr && addr < e) {
-                    let what = if matches!(op.kind, OpKind::Write { .. }) { "write" } else { "read" };
-                    return Err(Error::Parse(format!(
-                        "line {}: segmentation fault: {what} at {addr:#x} is outside every VMA",
-                        op.line
-                    )));
+                    return Err(Error::AtLine(op.line, Box::new(Error::Segv(addr))));
                 }
             }
         }
@@ -504,6 +500,9 @@ const VMSTAT_PATH: &std::ffi::CStr = c"/proc/vmstat";
 /// A snapshot: the file values in `Probe::files` order, then `Probe::vmstat`.
 type Snap = Vec<i64>;
 
+/// Per size, (counter, delta).
+pub type MthpDeltas = Vec<(String, Vec<(&'static str, i64)>)>;
+
 impl Probe {
     fn new() -> Probe {
         let mut files = Vec::new();
@@ -590,8 +589,8 @@ impl Probe {
         }
     }
 
-    fn deltas(&self, before: &Snap, after: &Snap) -> (Vec<(String, Vec<(&'static str, i64)>)>, Vec<(&'static str, i64)>) {
-        let mut mthp: Vec<(String, Vec<(&'static str, i64)>)> = self.sizes.iter().map(|s| (s.clone(), Vec::new())).collect();
+    fn deltas(&self, before: &Snap, after: &Snap) -> (MthpDeltas, Vec<(&'static str, i64)>) {
+        let mut mthp: MthpDeltas = self.sizes.iter().map(|s| (s.clone(), Vec::new())).collect();
         for (k, &(i, c, _)) in self.files.iter().enumerate() {
             mthp[i].1.push((c, after[k] - before[k]));
         }
@@ -714,7 +713,7 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
     let (rss_bytes, anon_huge_bytes) = smaps_rss(res.lo, res.lo + res.len)?;
 
     if let Some(e) = err {
-        return Err(Error::Oracle(format!("line {}: {} failed: {}", e.line, e.what, strerror(e.errno))));
+        return Err(Error::AtLine(e.line, Box::new(Error::Oracle(format!("{} failed: {}", e.what, strerror(e.errno))))));
     }
     // Unregister (closing the userfaultfd) and unmap only after measuring.
     drop(uffd);

@@ -165,22 +165,28 @@ impl VmaTree {
     /// Returns false if part of the range was unmapped (the kernel's ENOMEM,
     /// after applying the advice to what is mapped).
     pub fn madvise_flags(&mut self, start: u64, end: u64, advice: Advice, orders: impl Fn(VmFlags) -> u32) -> bool {
+        self.modify_flags(start, end, orders, |f| match advice {
+            Advice::HugePage => {
+                f.hugepage = true;
+                f.nohugepage = false;
+            }
+            Advice::NoHugePage => {
+                f.nohugepage = true;
+                f.hugepage = false;
+            }
+            Advice::DontNeed => {}
+        })
+    }
+
+    /// `vma_modify_flags()` over the mapped parts of `[start, end)`; returns
+    /// false if part of the range was unmapped.
+    pub fn modify_flags(&mut self, start: u64, end: u64, orders: impl Fn(VmFlags) -> u32, change: impl Fn(&mut VmFlags)) -> bool {
         let pieces = self.pieces(start, end);
         let covered: u64 = pieces.iter().map(|(s, e)| e - s).sum();
         for (s, e) in pieces {
             let v = self.lookup(s).cloned().expect("piece is mapped");
             let mut f = v.flags;
-            match advice {
-                Advice::HugePage => {
-                    f.hugepage = true;
-                    f.nohugepage = false;
-                }
-                Advice::NoHugePage => {
-                    f.nohugepage = true;
-                    f.hugepage = false;
-                }
-                Advice::DontNeed => unreachable!("DONTNEED does not change flags"),
-            }
+            change(&mut f);
             if f == v.flags {
                 continue;
             }
