@@ -225,7 +225,7 @@ impl Mm {
             let end = addr + len;
             let gone = mm.vmas_mut().munmap(addr, end);
             for v in &gone {
-                mm.zap_page_range(cpu, v.start, v.end);
+                mm.zap_page_range(cpu, v.start, v.end, false);
             }
             if let (Some(first), Some(last)) = (gone.first(), gone.last()) {
                 let floor = mm.vma_tree().prev_end(first.start);
@@ -247,7 +247,7 @@ impl Mm {
             match advice {
                 Advice::DontNeed => {
                     for (s, e) in mm.vma_tree().pieces(addr, end) {
-                        mm.zap_page_range(cpu, s, e);
+                        mm.zap_page_range(cpu, s, e, true);
                     }
                 }
                 _ => {

@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering::*;
 
 impl MmInner {
     /// Zaps `[start, end)`. The caller holds the mmap lock for write.
-    pub(crate) fn zap_page_range(&self, cpu: &mut Cpu, start: u64, end: u64) {
+    /// `reclaim_pt` is MADV_DONTNEED's `zap_details.reclaim_pt`
+    /// (CONFIG_PT_RECLAIM): a PTE table whose whole range is zapped is freed.
+    pub(crate) fn zap_page_range(&self, cpu: &mut Cpu, start: u64, end: u64, reclaim_pt: bool) {
         let mut a = start;
         while a < end {
             let pmd_end = ((a & !(PMD_SIZE - 1)) + PMD_SIZE).min(end);
@@ -28,6 +30,12 @@ impl MmInner {
                 let v = pmd.load(Acquire);
                 if v != 0 && !pmd_huge(v) {
                     self.zap_pte_range(cpu, PageTable::pte_table(v), pte_index(a), pte_index(pmd_end - PAGE_SIZE) + 1);
+                    // reclaim_pt_is_enabled(): the zap spanned the whole table,
+                    // so it is empty now; try_to_free_pte() frees it.
+                    if reclaim_pt && pmd_end - a >= PMD_SIZE {
+                        let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
+                        self.pt.free_pte_table(pmd);
+                    }
                 }
             }
             a = pmd_end;
