@@ -1,0 +1,115 @@
+"""anonfolio: a simulator of the Linux 6.18 anonymous-memory page-fault path
+with large folios (multi-size THP).
+
+>>> import anonfolio
+>>> sim = anonfolio.Simulator(anonfolio.Config(hugepages={"64kB": "madvise"}))
+>>> sim.mmap(0x7f0000000000, "1M", hugepage=True)
+>>> sim.write(0x7f0000000000)
+>>> s = sim.stats()
+>>> s.faults, s.mthp["64kB"].anon_fault_alloc, s.rss_bytes
+(1, 1, 65536)
+
+The pieces:
+
+- :class:`Config`: the THP knobs as sysfs has them, and the simulated machine.
+- :class:`Simulator`: one process; ``mmap``/``munmap``/``madvise``,
+  ``read``/``write``/``touch``, ``replay`` (a trace), ``run`` (a workload),
+  ``stats``, ``vmas``, ``check_invariants``.
+- :class:`Stats`: the figures, under the kernel's names.
+- :func:`replay`, :func:`run`, :func:`sweep`: one-call helpers.
+- Exceptions: :class:`AnonfolioError` and its subclasses.
+"""
+
+from __future__ import annotations
+
+
+def _load_native() -> None:
+    """Imports the native module. When this package is a source checkout
+    without a built extension (``python -m pytest`` from the repository puts
+    the checkout first on ``sys.path``, ahead of the installed package), the
+    installed package's extension is used: its folder joins ``__path__``."""
+    try:
+        from . import _anonfolio  # noqa: F401
+    except ImportError as first:
+        import glob
+        import os
+        import sys
+
+        here = os.path.realpath(os.path.dirname(__file__))
+        for entry in sys.path:
+            cand = os.path.join(entry or os.getcwd(), "anonfolio")
+            if os.path.realpath(cand) == here or not glob.glob(os.path.join(cand, "_anonfolio*.so")) + glob.glob(
+                os.path.join(cand, "_anonfolio*.pyd")
+            ):
+                continue
+            __path__.append(cand)
+            try:
+                from . import _anonfolio  # noqa: F401,F811
+            except ImportError:
+                __path__.remove(cand)
+                continue
+            return
+        raise ImportError(
+            "anonfolio's native module is not built: run `pip install .` (or `maturin develop`) first"
+        ) from first
+
+
+_load_native()
+
+from . import _anonfolio  # noqa: E402
+from ._anonfolio import (  # noqa: E402
+    AnonfolioError,
+    ConfigError,
+    InvariantError,
+    OracleError,
+    OutOfMemory,
+    RangeError,
+    SegmentationFault,
+    TraceError,
+    check_trace,
+    parse_bytes,
+    parse_thp_size,
+    size_name,
+)
+from .api import SHARING, WORKLOADS, Simulator, Vma, replay, run, sweep  # noqa: E402
+from .config import ENABLED_MODES, POLICIES, SIZE_MODES, THP_SIZES, Config  # noqa: E402
+from .stats import Stats  # noqa: E402
+
+__version__: str = _anonfolio.__version__
+
+#: Bytes in a base page (x86-64: 4 KiB).
+PAGE_SIZE: int = _anonfolio.PAGE_SIZE
+
+__all__ = [
+    "__version__",
+    "PAGE_SIZE",
+    # configuration
+    "Config",
+    "THP_SIZES",
+    "ENABLED_MODES",
+    "SIZE_MODES",
+    "POLICIES",
+    # simulation
+    "Simulator",
+    "Vma",
+    "Stats",
+    "replay",
+    "run",
+    "sweep",
+    "WORKLOADS",
+    "SHARING",
+    # helpers
+    "check_trace",
+    "parse_bytes",
+    "parse_thp_size",
+    "size_name",
+    # errors
+    "AnonfolioError",
+    "TraceError",
+    "SegmentationFault",
+    "ConfigError",
+    "RangeError",
+    "OutOfMemory",
+    "OracleError",
+    "InvariantError",
+]

@@ -1,0 +1,281 @@
+"""Typed stubs of ``anonfolio._anonfolio``, the native module (Rust, PyO3).
+
+Use the public package ``anonfolio`` rather than this module: its
+``Simulator`` subclasses the one here and wraps results in ``Stats``.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import disjoint_base
+
+__all__ = [
+    "AnonfolioError",
+    "CONFIG_FIELDS",
+    "ConfigError",
+    "FAULT_PATHS",
+    "InvariantError",
+    "MAX_PAGE_ORDER",
+    "MTHP_COUNTERS",
+    "OracleError",
+    "OutOfMemory",
+    "PAGE_SIZE",
+    "PMD_ORDER",
+    "RACE_COUNTERS",
+    "RangeError",
+    "SegmentationFault",
+    "Simulator",
+    "THP_SIZES",
+    "TraceError",
+    "VMSTAT_COUNTERS",
+    "__version__",
+    "build_profile",
+    "check_trace",
+    "kernel_replay",
+    "normalize_config",
+    "parse_bytes",
+    "parse_thp_size",
+    "size_name",
+]
+
+__version__: Final[str]
+#: ``"release"`` or ``"debug"``: how the extension was built.
+build_profile: Final[str]
+#: Bytes in a base page (4096).
+PAGE_SIZE: Final[int]
+#: Order of a PMD-mapped THP (9: 2 MiB).
+PMD_ORDER: Final[int]
+#: Highest buddy order (10: 4 MiB); per-order arrays have this many entries.
+MAX_PAGE_ORDER: Final[int]
+#: Sizes with a ``hugepages-*`` folder: ``("8kB", "16kB", ..., "2048kB")``.
+THP_SIZES: Final[tuple[str, ...]]
+#: Counters of ``hugepages-*/stats``, in order.
+MTHP_COUNTERS: Final[tuple[str, ...]]
+#: ``/proc/vmstat`` counters the simulator keeps.
+VMSTAT_COUNTERS: Final[tuple[str, ...]]
+#: Race counters (``Stats.races``).
+RACE_COUNTERS: Final[tuple[str, ...]]
+#: How faults were resolved (``Stats.fault_paths``).
+FAULT_PATHS: Final[tuple[str, ...]]
+#: Fields of a configuration dict (and of ``anonfolio.Config``).
+CONFIG_FIELDS: Final[tuple[str, ...]]
+
+_ByteCount = Union[int, str]
+_ConfigArg = Union[Mapping[str, Any], Any, None]
+
+class AnonfolioError(Exception):
+    """Base class of every error anonfolio raises.
+
+    Attributes:
+        line: the 1-based trace line the error comes from, or None.
+        address: the faulting address (SegmentationFault, OutOfMemory), or None.
+        stats: when the error stopped a replay or a workload, the figures of
+            what ran before it (a dict, or ``anonfolio.Stats`` from the public
+            API); else None.
+    """
+
+    line: Optional[int]
+    address: Optional[int]
+    stats: Optional[Any]
+
+class TraceError(AnonfolioError, ValueError):
+    """A trace line that does not parse; ``line`` names it."""
+
+class SegmentationFault(AnonfolioError):
+    """An access outside every VMA (SIGSEGV); ``address`` is where."""
+
+class ConfigError(AnonfolioError, ValueError):
+    """A configuration or option value out of its domain."""
+
+class RangeError(AnonfolioError, ValueError):
+    """A range not page aligned, empty, outside user space, or an mmap over a mapping."""
+
+class OutOfMemory(AnonfolioError):
+    """The simulated machine or memcg ran out of memory (VM_FAULT_OOM)."""
+
+class OracleError(AnonfolioError, OSError):
+    """The kernel oracle could not run."""
+
+class InvariantError(AnonfolioError, RuntimeError):
+    """A consistency check of the simulated mm failed (a simulator bug)."""
+
+def parse_bytes(text: Union[str, int]) -> int:
+    """A byte count: ``4096``, ``"64K"``, ``"64KiB"``, ``"2M"``, ``"1G"``, ``"1T"`` (powers of 1024).
+
+    Raises:
+        ConfigError: malformed or too large.
+    """
+
+def parse_thp_size(text: str) -> int:
+    """The order of a THP size written as sysfs does (``"64kB"``) or with a
+    suffix (``"64K"``, ``"2M"``): ``"64kB"`` -> 4.
+
+    Raises:
+        ConfigError: no ``hugepages-*`` folder has that size.
+    """
+
+def size_name(order: int) -> str:
+    """The sysfs name of an order's size: 4 -> ``"64kB"``."""
+
+def normalize_config(config: _ConfigArg = None, **fields: Any) -> dict[str, Any]:
+    """Validates configuration fields (see ``anonfolio.Config``) and returns
+    them normalised: every size in ``hugepages``, byte counts as ints,
+    ``fail_orders`` a sorted tuple of orders.
+
+    Raises:
+        ConfigError: a value out of its domain, or an unknown field.
+    """
+
+def check_trace(trace: str) -> int:
+    """Parses a trace without running it; returns its number of operations.
+
+    Raises:
+        TraceError: a line that does not parse (``line`` names it).
+        RangeError: an unaligned or out-of-range mmap/munmap/madvise range.
+    """
+
+def kernel_replay(trace_text: str) -> dict[str, Any]:
+    """Replays a trace on the running Linux kernel with the THP settings
+    sysfs holds now. See ``anonfolio.kernel.kernel_replay``, which sets and
+    restores the knobs.
+
+    Raises:
+        TraceError, RangeError: the trace is bad.
+        OracleError: the kernel could not run it.
+    """
+
+@disjoint_base
+class Simulator:
+    """One simulated process: VMAs, page tables and the physical memory
+    behind them.
+
+    Arguments:
+        config: an ``anonfolio.Config``, a dict of its fields, or None for the
+            defaults (this kernel's: ``enabled=madvise``, ``2048kB=inherit``,
+            every other size ``never``).
+        **fields: ``Config`` fields that override ``config``.
+
+    Raises:
+        ConfigError: a bad field.
+    """
+
+    def __new__(cls, config: _ConfigArg = None, **fields: Any) -> "Simulator": ...
+    @property
+    def config(self) -> Any:
+        """The configuration (a dict of ``Config`` fields here; a ``Config`` in ``anonfolio.Simulator``)."""
+
+    def mmap(
+        self, addr: int, length: _ByteCount, *, hugepage: bool = False, nohugepage: bool = False, uffd_wp: bool = False
+    ) -> None:
+        """``mmap(addr, length, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED_NOREPLACE)``,
+        then ``MADV_HUGEPAGE``/``MADV_NOHUGEPAGE`` and userfaultfd-wp registration as flagged.
+
+        Raises:
+            RangeError: unaligned, empty, outside user space, or over an existing mapping.
+        """
+
+    def munmap(self, addr: int, length: _ByteCount) -> None:
+        """``munmap()``: zaps the range and frees page tables nothing else needs.
+
+        Raises:
+            RangeError: unaligned, empty or outside user space.
+        """
+
+    def madvise(self, addr: int, length: _ByteCount, advice: str) -> None:
+        """``madvise()`` with ``"dontneed"``, ``"hugepage"`` or ``"nohugepage"``;
+        advising part of a VMA splits it.
+
+        Raises:
+            ConfigError: unknown advice.
+            RangeError: unaligned, empty or outside user space.
+        """
+
+    def read(self, addr: int) -> None:
+        """One user read of the byte at ``addr``; faults as the MMU would.
+
+        Raises:
+            SegmentationFault: ``addr`` is outside every VMA.
+        """
+
+    def write(self, addr: int) -> None:
+        """One user write of the byte at ``addr``; faults as the MMU would.
+
+        Raises:
+            SegmentationFault: ``addr`` is outside every VMA.
+            OutOfMemory: the fault could not get memory.
+        """
+
+    def touch(self, addrs: Union[npt.NDArray[np.uint64], Sequence[int]], write: bool = True) -> int:
+        """One access per address, in order, with the GIL released; returns
+        how many were done.
+
+        Raises:
+            SegmentationFault: an address outside every VMA; the exception's
+                ``index`` says which (the accesses before it stand).
+        """
+
+    def replay(
+        self,
+        trace: str,
+        *,
+        threads: int = 1,
+        deterministic: Optional[int] = None,
+        check_invariants: Optional[bool] = None,
+    ) -> Any:
+        """Replays a trace (its text) with the GIL released. ``threads``:
+        simulated CPUs on host threads (each ``@T`` thread runs its own lines
+        in order); ``deterministic``: the seed of a deterministic interleaving.
+        Returns the figures (a dict with the keys of the JSON contract, plus
+        ``ops``: operations completed).
+
+        Raises:
+            TraceError, RangeError, SegmentationFault, OutOfMemory: the first
+                error; operations before it ran, and the exception's ``stats``
+                holds their figures, ``line`` the trace line.
+        """
+
+    def run(
+        self,
+        workload: Optional[str] = None,
+        size: Optional[_ByteCount] = None,
+        *,
+        stride: Optional[int] = None,
+        fraction: Optional[float] = None,
+        seed: Optional[int] = None,
+        threads: int = 1,
+        sharing: Optional[str] = None,
+        iterations: Optional[int] = None,
+        deterministic: Optional[int] = None,
+        check_invariants: Optional[bool] = None,
+    ) -> Any:
+        """Maps a VMA of ``size`` bytes (default 1 GiB) advised MADV_HUGEPAGE
+        and writes to it in the workload's order (None: ``sequential``): ``sequential``,
+        ``reverse``, ``stride`` (every ``stride``-th page), ``random`` (a
+        seeded permutation of ``fraction`` of the pages), ``sparse`` (each
+        page with probability ``fraction``, default 0.1), ``page_fault1``
+        (will-it-scale: map, touch, unmap, ``iterations`` times, a region per
+        thread). ``sharing``: ``disjoint`` (None; a slice per thread) or
+        ``interleaved`` (turns page by page). Returns the figures, as ``replay``.
+
+        Raises:
+            ConfigError: a bad workload, sharing, size, stride or fraction.
+            RangeError: the workload's VMA overlaps an existing mapping.
+        """
+
+    def stats(self) -> Any:
+        """Every counter so far, summed over the simulated CPUs: ``faults``,
+        ``rss_bytes``, ``elapsed_s`` (all replays/runs/touches), ``mthp``
+        (sizes with a non-zero counter), ``vmstat``, ``locks``, ``races``,
+        ``fault_paths``, ``folio_orders`` (uint64 array by order), ``memory``."""
+
+    def vmas(self) -> list[Any]:
+        """The VMAs, lowest first: dicts with ``start``, ``end``, ``hugepage``, ``nohugepage``, ``uffd_wp``."""
+
+    def check_invariants(self) -> None:
+        """Checks mapcounts, RSS and the conservation of pages.
+
+        Raises:
+            InvariantError: the first violation.
+        """

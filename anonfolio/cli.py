@@ -1,0 +1,415 @@
+"""The ``anonfolio`` command line (see ``interface.md``)::
+
+    anonfolio replay TRACE [--thp-enabled MODE] [--thp SIZE=MODE ...] [--policy P]
+                           [--threads N] [--deterministic SEED] [--json]
+    anonfolio run [--workload W] [--size BYTES] [--stride PAGES] [--fraction F] [--seed S]
+                  [--threads N] [--sharing disjoint|interleaved] [--deterministic SEED]
+                  [same THP/policy options] [--json]
+    anonfolio experiment race-policies [--out DIR]
+
+Bad input exits with status 2 and one line on stderr, ``anonfolio: error: ...``.
+
+Other modules add subcommands through :func:`main`'s registry: a module with
+``add_subcommands(subparsers)`` (``anonfolio.kernel``) gets the subparsers
+object; each subcommand sets ``func=handler`` with ``set_defaults``, where
+``handler(args) -> int | None`` returns the exit status. Helpers for them:
+:func:`add_config_options`, :func:`config_from_args`, :func:`emit`, :class:`CliError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable, NoReturn, Optional, Sequence
+
+from . import _anonfolio
+from .api import SHARING, WORKLOADS, Simulator
+from .config import ENABLED_MODES, POLICIES, Config
+from .stats import Stats
+
+__all__ = ["main", "build_parser", "add_config_options", "config_from_args", "emit", "CliError", "ArgumentParser"]
+
+PROG = "anonfolio"
+#: What ``anonfolio run`` does with no options: big enough to mean something,
+#: small enough to print in well under a second.
+DEFAULT_RUN_SIZE = "1G"
+
+
+class CliError(Exception):
+    """A bad command line or input: printed as one line, exit status ``status``."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split()) or "error"
+
+
+# ----------------------------------------------------------------------------
+# Option types
+
+
+def _bytes(text: str) -> int:
+    try:
+        return _anonfolio.parse_bytes(text)
+    except _anonfolio.AnonfolioError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _count(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            n = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"malformed number {text!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(
+                f"{n} is out of range ({lo}..{hi})" if hi is not None else f"{n} is below {lo}"
+            )
+        return n
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed number {text!r}") from None
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..1")
+    return f
+
+
+def _thp_spec(text: str) -> str:
+    size, sep, mode = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"malformed {text!r} (want SIZE=always|inherit|madvise|never)")
+    try:
+        name = _anonfolio.size_name(_anonfolio.parse_thp_size(size))
+    except _anonfolio.AnonfolioError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if mode not in ("always", "inherit", "madvise", "never"):
+        raise argparse.ArgumentTypeError(
+            f"unknown mode {mode!r} for {name} (want always, inherit, madvise or never)"
+        )
+    return f"{name}={mode}"
+
+
+# ----------------------------------------------------------------------------
+# Shared options
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """The THP/policy options of ``replay`` and ``run`` (and the machine's)."""
+    g = p.add_argument_group("THP knobs and policy (as /sys/kernel/mm/transparent_hugepage/)")
+    g.add_argument(
+        "--thp-enabled", choices=ENABLED_MODES, metavar="MODE",
+        help="transparent_hugepage/enabled: always, madvise (default) or never",
+    )
+    g.add_argument(
+        "--thp", action="append", type=_thp_spec, default=[], metavar="SIZE=MODE",
+        help="hugepages-SIZE/enabled (SIZE as 64kB, 64K, 2M; MODE always|inherit|madvise|never); "
+        "repeatable. Default: 2048kB=inherit, every other size never",
+    )
+    g.add_argument("--policy", choices=POLICIES, metavar="POLICY",
+                   help="fault path: upstream (default; Linux 6.8..6.18), v1 (the seed patch) or preferred")
+    g.add_argument("--no-zero-page", action="store_true", help="use_zero_page=0: no huge zero page (a read fault in a THP-eligible range allocates)")
+    m = p.add_argument_group("simulated machine")
+    m.add_argument("--memory", type=_bytes, metavar="BYTES", help="physical memory (default 4T)")
+    m.add_argument("--memcg-limit", type=_bytes, metavar="BYTES", help="memcg memory.max (default unlimited)")
+    m.add_argument("--fragmentation", type=_fraction, metavar="F",
+                   help="fraction 0..1 of pageblocks pinned before the run")
+    m.add_argument("--fail-order", action="append", default=[], metavar="ORDER|SIZE",
+                   help="make every allocation of this order (or size, 64kB) fail; repeatable")
+    m.add_argument("--fail-rate", type=_fraction, metavar="F",
+                   help="probability that an allocation above order 0 fails")
+    m.add_argument("--fail-seed", type=_count(0), metavar="S", help="seed of the failure injection")
+    m.add_argument("--check-invariants", action="store_true",
+                   help="check mapcounts and page conservation after the run")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The :class:`Config` that :func:`add_config_options`' options describe."""
+    fields: dict[str, Any] = {}
+    if getattr(args, "no_zero_page", False):
+        fields["use_zero_page"] = False
+    for opt, field in (("memory", "memory"), ("memcg_limit", "memcg_limit"), ("fragmentation", "fragmentation"),
+                       ("fail_rate", "fail_rate"), ("fail_seed", "seed")):
+        v = getattr(args, opt, None)
+        if v is not None:
+            fields[field] = v
+    fail = getattr(args, "fail_order", None) or []
+    if fail:
+        fields["fail_orders"] = [int(x) if x.isdigit() else x for x in fail]
+    if getattr(args, "check_invariants", False):
+        fields["check_invariants"] = True
+    return Config.from_args(args, **fields)
+
+
+def _config_summary(cfg: Config) -> str:
+    sizes = " ".join(f"{s}={m}" for s, m in cfg.hugepages.items() if m != "never") or "none"
+    return f"policy {cfg.policy}, enabled={cfg.enabled}, mTHP sizes: {sizes}"
+
+
+def _json_config(cfg: Config) -> dict[str, Any]:
+    return {"enabled": cfg.enabled, "hugepages": dict(cfg.hugepages), "policy": cfg.policy,
+            "use_zero_page": cfg.use_zero_page}
+
+
+def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Optional[dict[str, Any]] = None) -> None:
+    """Prints ``stats``: one JSON object with ``--json``, else a table."""
+    if getattr(args, "json", False):
+        d = stats.to_dict()
+        if extra:
+            d.update(extra)
+        sys.stdout.write(json.dumps(d) + "\n")
+    else:
+        sys.stdout.write(stats.table(title=title) + "\n")
+    sys.stdout.flush()
+
+
+def _fail_with_partial(e: _anonfolio.AnonfolioError, args: argparse.Namespace, extra: dict[str, Any]) -> NoReturn:
+    """A replay or run stopped by an error: with --json, print what ran first."""
+    if getattr(args, "json", False) and e.stats is not None:
+        emit(e.stats if isinstance(e.stats, Stats) else Stats(e.stats), args,
+             extra=dict(extra, error=_one_line(str(e))))
+    raise e
+
+
+# ----------------------------------------------------------------------------
+# Commands
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    path = args.trace
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise CliError(f"cannot read trace {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CliError(f"trace {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    sim = Simulator(cfg)
+    extra = {"config": _json_config(cfg)}
+    try:
+        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic)
+    except _anonfolio.AnonfolioError as e:
+        _fail_with_partial(e, args, extra)
+    emit(s, args, title=f"replay {path}  ({_config_summary(cfg)})", extra=extra)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    sim = Simulator(cfg)
+    size = args.size if args.size is not None else _anonfolio.parse_bytes(DEFAULT_RUN_SIZE)
+    kw: dict[str, Any] = dict(threads=args.threads, sharing=args.sharing, deterministic=args.deterministic)
+    for name in ("stride", "fraction", "seed", "iterations"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    extra = {"config": _json_config(cfg), "workload": dict(name=args.workload, size=size, **kw)}
+    try:
+        s = sim.run(args.workload, size, **kw)
+    except _anonfolio.AnonfolioError as e:
+        _fail_with_partial(e, args, extra)
+    from .stats import format_bytes
+
+    title = (f"run {args.workload} over {format_bytes(size)}, {args.threads} thread(s)"
+             f"{' ' + args.sharing if args.threads > 1 else ''}  ({_config_summary(cfg)})")
+    emit(s, args, title=title, extra=extra)
+    return 0
+
+
+def cmd_race_policies(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    cfg = experiments.RACE_POLICIES_CONFIG
+    if args.thp or args.thp_enabled:
+        cfg = Config.from_args(args, hugepages=dict(cfg.hugepages))
+    experiments.race_policies(
+        out=args.out, size=args.size, threads=args.threads, repeat=args.repeat, config=cfg,
+        deterministic=None if args.free_threads else args.deterministic, workload=args.workload, log=sys.stderr if not args.quiet else None,
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog=PROG,
+        description="Simulate the Linux 6.18 anonymous page-fault path with large folios (mTHP).",
+        epilog="Bad input exits with status 2 and one line on stderr.",
+    )
+    p.add_argument("--version", action="version", version=f"anonfolio {_anonfolio.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+
+    r = sub.add_parser("replay", help="replay a trace (interface.md format)",
+                       description="Replay a trace: one operation a line (mmap, munmap, madvise, w, r, @T).")
+    r.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")
+    add_config_options(r)
+    r.add_argument("--threads", type=_count(1, 1024), default=1, metavar="N",
+                   help="threads to run the trace's @T lines on (default 1)")
+    r.add_argument("--deterministic", type=_count(0), metavar="SEED",
+                   help="a deterministic interleaving of the threads, seeded")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=cmd_replay)
+
+    w = sub.add_parser("run", help="run a built-in workload",
+                       description="Map one private anonymous VMA (MADV_HUGEPAGE) and write to it "
+                                   "in the workload's order.")
+    w.add_argument("--workload", choices=WORKLOADS, default="sequential", metavar="W",
+                   help="sequential (default), reverse, stride, random, sparse or page_fault1")
+    w.add_argument("--size", type=_bytes, metavar="BYTES",
+                   help=f"bytes to map: 4096, 64K, 64KiB, 2M, 1G, 1T (default {DEFAULT_RUN_SIZE})")
+    w.add_argument("--stride", type=_count(1), metavar="PAGES", help="stride workload: pages between touches")
+    w.add_argument("--fraction", type=_fraction, metavar="F", help="sparse/random: fraction of pages touched")
+    w.add_argument("--seed", type=_count(0), metavar="S", help="seed of random and sparse orders")
+    w.add_argument("--iterations", type=_count(1), metavar="N", help="page_fault1: map-touch-unmap loops")
+    w.add_argument("--threads", type=_count(1, 1024), default=1, metavar="N", help="threads (default 1)")
+    w.add_argument("--sharing", choices=SHARING, default="disjoint", metavar="HOW",
+                   help="disjoint (default: a slice each) or interleaved (turns page by page)")
+    w.add_argument("--deterministic", type=_count(0), metavar="SEED",
+                   help="a deterministic interleaving of the threads, seeded")
+    add_config_options(w)
+    w.add_argument("--json", action="store_true", help="print one JSON object")
+    w.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("experiment", help="canned experiments that write tables and plots")
+    esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT", parser_class=ArgumentParser)
+    rp = esub.add_parser(
+        "race-policies",
+        help="the three policies across thread counts and sharing",
+        description="Runs upstream, v1 and preferred with 1, 2 and 4 threads, disjoint and interleaved, "
+                    "and writes results.csv, results.md and plots into --out.",
+    )
+    rp.add_argument("--out", default=os.path.join("out", "race-policies"), metavar="DIR",
+                    help="output folder (default out/race-policies)")
+    rp.add_argument("--size", type=_bytes, default=_anonfolio.parse_bytes("256M"), metavar="BYTES",
+                    help="bytes per run (default 256M)")
+    rp.add_argument("--threads", type=lambda s: [_count(1, 1024)(x) for x in s.split(",")], default=[1, 2, 4],
+                    metavar="N,N,...", help="thread counts (default 1,2,4)")
+    rp.add_argument("--workload", choices=WORKLOADS, default="sequential", metavar="W",
+                    help="workload (default sequential)")
+    rp.add_argument("--repeat", type=_count(1, 100), default=5, metavar="N",
+                    help="runs per point; the table shows the median (default 5)")
+    rp.add_argument("--thp-enabled", choices=ENABLED_MODES, metavar="MODE",
+                    help="transparent_hugepage/enabled (default madvise)")
+    rp.add_argument("--thp", action="append", type=_thp_spec, default=[], metavar="SIZE=MODE",
+                    help="hugepages-SIZE/enabled, repeatable (default 16kB, 64kB, 256kB always; 2048kB never)")
+    rp.add_argument("--deterministic", type=_count(0), default=1, metavar="SEED",
+                    help="first seed of the deterministic interleavings (default 1; run i uses SEED+i)")
+    rp.add_argument("--free-threads", action="store_true",
+                    help="free-running host threads instead of deterministic interleavings "
+                         "(timing-dependent: on a small machine threads rarely overlap)")
+    rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rp.set_defaults(func=cmd_race_policies)
+    e.set_defaults(func=lambda a: _missing(e, "experiment"))
+
+    _add_plugins(sub)
+    return p
+
+
+def _missing(p: argparse.ArgumentParser, what: str) -> int:
+    raise CliError(f"missing {what} name (see '{p.prog} --help')")
+
+
+def _add_plugins(sub: Any) -> None:
+    """Subcommands other modules provide (kernel-replay, validate)."""
+    try:
+        from . import kernel
+    except ImportError:
+        return
+    add = getattr(kernel, "add_subcommands", None)
+    if add is not None:
+        add(sub)
+
+
+def _error(msg: str) -> None:
+    try:
+        sys.stderr.write(f"{PROG}: error: {_one_line(msg)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command line; returns the exit status (the console script exits with it)."""
+    try:
+        try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            func = getattr(args, "func", None)
+            if func is None:
+                raise CliError("missing command: replay, run or experiment (see 'anonfolio --help')")
+            rc = func(args)
+            return int(rc or 0)
+        except CliError as e:
+            _error(str(e))
+            return e.status
+        except _anonfolio.OutOfMemory as e:
+            _error(str(e))
+            return 1
+        except _anonfolio.InvariantError as e:
+            _error(f"invariant violated: {e}")
+            return 1
+        except _anonfolio.AnonfolioError as e:
+            msg = str(e)
+            _error(msg)
+            return 1 if msg.startswith("internal error") else 2
+        except (ValueError, TypeError) as e:
+            # Bad values that reached the API unvalidated (a plug-in's options).
+            if os.environ.get("ANONFOLIO_DEBUG"):
+                raise
+            _error(str(e))
+            return 2
+        except OSError as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            _error(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+            return 2
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return 130
+        except SystemExit as e:
+            # argparse's --help and --version
+            return e.code if isinstance(e.code, int) else 0
+        except Exception as e:  # noqa: BLE001 - the one place that must not show a traceback
+            if os.environ.get("ANONFOLIO_DEBUG"):
+                raise
+            _error(f"internal error: {type(e).__name__}: {e}")
+            return 1
+    except BrokenPipeError:
+        # `anonfolio ... | head`: stdout went away; that is not an error.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+
+
+def entry() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

@@ -1,0 +1,65 @@
+//! `kernel_replay(trace_text) -> dict`: the trace on the real kernel (see
+//! `anonfolio::oracle`). THP settings are whatever sysfs holds; the Python
+//! wrapper `anonfolio.kernel.kernel_replay` sets them and restores them.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::{guard, to_pyerr};
+
+/// kernel_replay(trace_text: str) -> dict
+///
+/// Replays a trace on the running Linux kernel, in this process, with the THP
+/// settings sysfs holds now, and returns what the kernel reported:
+/// `faults`, `rss_bytes`, `anon_huge_bytes`, `elapsed_s`,
+/// `mthp` ({size: {counter: delta}}), `vmstat` ({name: delta}), `kernel`
+/// (the release) and `harness_faults` (the overhead subtracted from faults).
+/// A trace that does not parse, or that touches memory outside its own
+/// mappings, raises ValueError (TraceError/RangeError) naming the line; an
+/// oracle failure (a syscall the kernel refused, no userfaultfd) raises
+/// OSError (OracleError). The GIL is released during the replay.
+#[cfg(target_os = "linux")]
+#[pyfunction]
+#[pyo3(name = "kernel_replay", signature = (trace_text))]
+fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'py, PyDict>> {
+    let ops = anonfolio::trace::parse(trace_text).map_err(|e| to_pyerr(py, &e))?;
+    let run = py
+        .allow_threads(|| guard(|| anonfolio::oracle::kernel_replay(&ops)))
+        .map_err(|p| p.into_pyerr(py))?
+        .map_err(|e| to_pyerr(py, &e))?;
+    let d = PyDict::new(py);
+    d.set_item("faults", run.faults)?;
+    d.set_item("rss_bytes", run.rss_bytes)?;
+    d.set_item("anon_huge_bytes", run.anon_huge_bytes)?;
+    d.set_item("elapsed_s", run.elapsed_s)?;
+    let mthp = PyDict::new(py);
+    for (size, counters) in &run.mthp {
+        let c = PyDict::new(py);
+        for (name, v) in counters {
+            c.set_item(*name, *v)?;
+        }
+        mthp.set_item(size, c)?;
+    }
+    d.set_item("mthp", mthp)?;
+    let vm = PyDict::new(py);
+    for (name, v) in &run.vmstat {
+        vm.set_item(*name, *v)?;
+    }
+    d.set_item("vmstat", vm)?;
+    d.set_item("kernel", &run.kernel_release)?;
+    d.set_item("harness_faults", run.harness_faults)?;
+    Ok(d)
+}
+
+#[cfg(not(target_os = "linux"))]
+#[pyfunction]
+#[pyo3(name = "kernel_replay", signature = (trace_text))]
+fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'py, PyDict>> {
+    let _ = trace_text;
+    Err(to_pyerr(py, &anonfolio::Error::Oracle("the kernel oracle needs Linux".into())))
+}
+
+/// Adds `kernel_replay` to the extension module.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kernel_replay_py, m)?)
+}
