@@ -274,7 +274,8 @@ class Simulator:
         """The VMAs, lowest first: dicts with ``start``, ``end``, ``hugepage``, ``nohugepage``, ``uffd_wp``."""
 
     def check_invariants(self) -> None:
-        """Checks mapcounts, RSS and the conservation of pages.
+        """Checks mapcounts, RSS and the conservation of pages. Call it when
+        no other thread is using the simulator.
 
         Raises:
             InvariantError: the first violation.

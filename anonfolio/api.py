@@ -174,29 +174,39 @@ def run(
 
 
 def sweep(
-    configs: Union[ConfigLike, Iterable[ConfigLike], Mapping[str, ConfigLike]] = None,
+    workload: Union[str, Sequence[str], ConfigLike, Iterable[ConfigLike], Mapping[str, ConfigLike]] = "sequential",
     *,
-    sizes: Union[int, str, Sequence[Union[int, str]], None] = None,
-    workload: Union[str, Sequence[str]] = "sequential",
+    configs: Union[ConfigLike, Iterable[ConfigLike], Mapping[str, ConfigLike]] = None,
+    size: Union[int, str, None] = None,
+    sizes: Optional[Sequence[Union[int, str]]] = None,
     trace: Optional[TraceLike] = None,
     **kwargs: Any,
 ) -> list[Stats]:
     """Runs every combination of ``configs`` x ``workload`` x ``sizes`` (or
     replays ``trace`` under every config), each on a fresh simulator, and
-    returns their :class:`Stats` in that order. Each result's ``params`` says
-    what produced it: ``label``, ``config``, ``workload``, ``size`` and the
-    keywords. ``configs`` may be one config, a list, or a dict label->config.
-    Other keywords (``threads``, ``sharing``, ``stride``, ...) go to
-    :meth:`Simulator.run` (or :meth:`Simulator.replay`); a keyword given as a
-    list is swept too.
+    returns their :class:`Stats` in that order.
+
+    ``workload`` is a name or a list of names; ``configs`` one config, a
+    list, or a dict label->config (None: the defaults); ``size`` one size or
+    ``sizes`` a list. Other keywords (``threads``, ``sharing``, ``stride``,
+    ...) go to :meth:`Simulator.run` (or :meth:`Simulator.replay`); a keyword
+    given as a list is swept too. Each result's ``params`` says what produced
+    it: ``label``, ``config``, ``workload``, ``size`` and the keywords. For
+    short, the configs may come first instead of the workload.
 
     >>> import anonfolio
-    >>> rows = anonfolio.sweep({"4k": anonfolio.Config(hugepages={"2M": "never"}),
-    ...                         "64k": anonfolio.Config(hugepages={"64K": "always", "2M": "never"})},
-    ...                        sizes=["1M"])
+    >>> rows = anonfolio.sweep("sequential", size="1M",
+    ...                        configs={"4k": anonfolio.Config(hugepages={"2M": "never"}),
+    ...                                 "64k": anonfolio.Config(hugepages={"64K": "always", "2M": "never"})})
     >>> [(r.params["label"], r.faults) for r in rows]
     [('4k', 256), ('64k', 16)]
     """
+    if not _is_workloads(workload):
+        if configs is not None:
+            raise TypeError("sweep: configs given twice (positionally and by keyword)")
+        configs, workload = workload, "sequential"  # type: ignore[assignment]
+    if size is not None and sizes is not None:
+        raise TypeError("sweep: give size or sizes, not both")
     if configs is None or isinstance(configs, Config):
         labelled: list[tuple[str, ConfigLike]] = [(_label(configs), configs)]
     elif isinstance(configs, Mapping) and not _is_fields(configs):
@@ -206,10 +216,8 @@ def sweep(
     else:
         labelled = [(_label(c), c) for c in configs]
     cfgs = [(label, c if isinstance(c, Config) else Config(**dict(c or {}))) for label, c in labelled]
-    size_list: list[Union[int, str, None]] = (
-        [None] if sizes is None else [sizes] if isinstance(sizes, (int, str)) else list(sizes)
-    )
-    workloads = [workload] if isinstance(workload, str) else list(workload)
+    size_list: list[Union[int, str, None]] = list(sizes) if sizes is not None else [size]
+    workloads: list[str] = [workload] if isinstance(workload, str) else [str(w) for w in workload]  # type: ignore[union-attr]
     swept = {k: list(v) for k, v in kwargs.items() if isinstance(v, (list, tuple))}
     fixed = {k: v for k, v in kwargs.items() if k not in swept}
     out: list[Stats] = []
@@ -219,10 +227,18 @@ def sweep(
             s = Simulator(cfg).replay(trace, **kw)
             out.append(Stats(s, params=dict(label=label, config=cfg, trace=_trace_name(trace), **kw)))
             continue
-        for w, size in itertools.product(workloads, size_list):
-            s = Simulator(cfg).run(w, size, **kw)
-            out.append(Stats(s, params=dict(label=label, config=cfg, workload=w, size=size, **kw)))
+        for w, sz in itertools.product(workloads, size_list):
+            s = Simulator(cfg).run(w, sz, **kw)
+            out.append(Stats(s, params=dict(label=label, config=cfg, workload=w, size=sz, **kw)))
     return out
+
+
+def _is_workloads(w: Any) -> bool:
+    if isinstance(w, str):
+        return True
+    if isinstance(w, (list, tuple)) and w and all(isinstance(x, str) for x in w):
+        return True
+    return False
 
 
 def _is_fields(m: Mapping[str, Any]) -> bool:

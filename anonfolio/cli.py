@@ -375,12 +375,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             msg = str(e)
             _error(msg)
             return 1 if msg.startswith("internal error") else 2
-        except (ValueError, TypeError) as e:
-            # Bad values that reached the API unvalidated (a plug-in's options).
-            if os.environ.get("ANONFOLIO_DEBUG"):
-                raise
-            _error(str(e))
-            return 2
         except OSError as e:
             if isinstance(e, BrokenPipeError):
                 raise

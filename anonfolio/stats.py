@@ -257,13 +257,13 @@ class Stats(Mapping[str, Any]):
         if title:
             lines += [title, ""]
         rss = self.rss_bytes
-        lines.append(f"{'faults':<22}{self.faults:>16,}")
-        lines.append(f"{'rss':<22}{format_bytes(rss):>16}  ({rss:,} bytes)")
+        lines.append(f"{'faults':<30}{self.faults:>16,}")
+        lines.append(f"{'rss':<30}{format_bytes(rss):>16}  ({rss:,} bytes)")
         if "ops" in self._d:
-            lines.append(f"{'operations':<22}{int(self._d['ops']):>16,}")
-        lines.append(f"{'elapsed':<22}{self.elapsed_s:>16.6f} s")
+            lines.append(f"{'operations':<30}{int(self._d['ops']):>16,}")
+        lines.append(f"{'elapsed':<30}{self.elapsed_s:>16.6f} s")
         if self.faults and self.elapsed_s > 0:
-            lines.append(f"{'fault rate':<22}{self.faults / self.elapsed_s:>16,.0f} faults/s")
+            lines.append(f"{'fault rate':<30}{self.faults / self.elapsed_s:>16,.0f} faults/s")
         lines.append("")
         short = {
             "anon_fault_alloc": "alloc",
@@ -273,7 +273,7 @@ class Stats(Mapping[str, Any]):
         }
         cols = list(_MTHP_COUNTERS)
         rows = sorted(self.mthp.items(), key=lambda kv: _anonfolio.parse_thp_size(kv[0]))
-        widths = [max(len(short.get(c, c)), *(len(f"{r[c]:,}") for _, r in rows)) + 2 for c in cols]
+        widths = [max([len(short.get(c, c))] + [len(f"{r[c]:,}") for _, r in rows]) + 2 for c in cols]
         lines.append(f"{'mTHP':<12}" + "".join(f"{short.get(c, c):>{w}}" for c, w in zip(cols, widths)))
         for size, c in rows:
             lines.append(f"  {size:<10}" + "".join(f"{c[k]:>{w},}" for k, w in zip(cols, widths)))
@@ -285,31 +285,31 @@ class Stats(Mapping[str, Any]):
             lines.append("folios mapped by size")
             for order, n in enumerate(fo):
                 if n:
-                    lines.append(f"  {_anonfolio.size_name(order):<24}{int(n):>16,}")
+                    lines.append(f"  {_anonfolio.size_name(order):<28}{int(n):>16,}")
         lines.append("")
         lines.append("vmstat")
         for k, v in self._d.get("vmstat", {}).items():
-            lines.append(f"  {k:<36}{v:>16,}")
+            lines.append(f"  {k:<28}{v:>16,}")
         fp = self._d.get("fault_paths")
         if fp and any(fp.values()):
             lines.append("")
             lines.append("fault paths")
             for k, v in fp.items():
                 if v:
-                    lines.append(f"  {k:<36}{v:>16,}")
+                    lines.append(f"  {k:<28}{v:>16,}")
         races = self._d.get("races")
         if races and any(races.values()):
             lines.append("")
             lines.append("races")
             for k, v in races.items():
-                lines.append(f"  {k:<36}{v:>16,}")
+                lines.append(f"  {k:<28}{v:>16,}")
         lines.append("")
-        lines.append(f"{'locks':<26}{'acquisitions':>17}{'contended':>17}{'spins':>17}")
+        lines.append(f"{'locks':<30}{'acquisitions':>16}{'contended':>14}{'spins':>14}")
         for name in ("ptl", "page_table_lock", "zone_lock", "mmap_lock"):
             if name in self.locks:
                 c = self.locks[name]
                 lines.append(
-                    f"  {name:<24}{c['acquisitions']:>17,}{c['contended']:>17,}{c['spins']:>17,}"
+                    f"  {name:<28}{c['acquisitions']:>16,}{c['contended']:>14,}{c['spins']:>14,}"
                 )
         return "\n".join(lines)
 

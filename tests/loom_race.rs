@@ -558,7 +558,10 @@ fn check(sh: &Shared, progs: &[Program], outs: &[Outcome]) {
         let pfn = pte_pfn(pte);
         let head = pfn & !((1u64 << order) - 1);
         let f = pfn_folio(head).unwrap_or_else(|| panic!("PTE {idx} maps a stray pfn {pfn}; {}", ctx()));
-        let a = outs[f / SLOTS].allocs.get(f % SLOTS).unwrap_or_else(|| panic!("PTE {idx} maps unallocated folio {f}"));
+        let a = outs
+            .get(f / SLOTS)
+            .and_then(|o| o.allocs.get(f % SLOTS))
+            .unwrap_or_else(|| panic!("PTE {idx} maps unallocated folio {f}; {}", ctx()));
         assert_eq!(a.order, order, "PTE {idx} order");
         let Fate::Mapped { i } = a.fate else { panic!("PTE {idx} maps folio {f} in state {:?}; {}", a.fate, ctx()) };
         assert_eq!(i % (1 << order), 0, "folio {f} mapped unaligned");
@@ -704,6 +707,9 @@ fn scenario(name: &str, policy: Policy, orders: u32, bound: usize, progs: &'stat
     assert!(missing.is_empty(), "{name}: paths never reached: {missing:?}");
 }
 
+// The scenarios. Indices are PTEs of the 8-entry table: [0..4) and [4..8)
+// are the order-2 ranges, [0..8) the order-3 one.
+
 /// Upstream, both CPUs write the same page: the loser's PTE is covered, it
 /// drops its folio and returns Retry; the re-executed access finds the PTE.
 #[test]
@@ -711,7 +717,9 @@ fn upstream_same_page() {
     scenario(
         "upstream_same_page",
         Policy::Upstream,
-        [&[(2, true)], &[(2, true)]],
+        ORDERS,
+        4,
+        &[&[(2, true)], &[(2, true)]],
         COV_LOST_RACE_COVERED | COV_CONTENDED | COV_SPURIOUS,
     );
 }
@@ -722,21 +730,52 @@ fn upstream_neighbouring_pages() {
     scenario(
         "upstream_neighbouring_pages",
         Policy::Upstream,
-        [&[(1, true)], &[(2, true)]],
+        ORDERS,
+        4,
+        &[&[(1, true)], &[(2, true)]],
         COV_LOST_RACE_COVERED | COV_CONTENDED,
     );
 }
 
 /// Upstream, a write whose order-3 range loses to a read fault's zero page
-/// elsewhere in the range: Retry, the PTE is still none, so it faults again
-/// and maps a smaller folio.
+/// elsewhere in the range: Retry, the PTE is still none, so the access
+/// faults again and maps a smaller folio.
 #[test]
 fn upstream_refault_after_lost_race() {
     scenario(
         "upstream_refault_after_lost_race",
         Policy::Upstream,
-        [&[(5, false)], &[(2, true)]],
+        ORDERS,
+        4,
+        &[&[(5, false)], &[(2, true)]],
         COV_LOST_RACE | COV_REFAULT | COV_READ_LOST,
+    );
+}
+
+/// Upstream with orders 3, 2 and 1 enabled, two writes per CPU at both ends
+/// of the table: folios of different orders interleave.
+#[test]
+fn upstream_two_writes_each_all_orders() {
+    scenario(
+        "upstream_two_writes_each_all_orders",
+        Policy::Upstream,
+        ALL_ORDERS,
+        3,
+        &[&[(0, true), (7, true)], &[(3, true), (4, true)]],
+        COV_LOST_RACE_COVERED | COV_CONTENDED | COV_SPURIOUS,
+    );
+}
+
+/// Upstream, three CPUs: two writes in different order-2 halves and a read.
+#[test]
+fn upstream_three_cpus() {
+    scenario(
+        "upstream_three_cpus",
+        Policy::Upstream,
+        ALL_ORDERS,
+        2,
+        &[&[(0, true)], &[(5, true)], &[(6, false)]],
+        COV_LOST_RACE | COV_LOST_RACE_COVERED | COV_REFAULT | COV_READ_LOST | COV_CONTENDED,
     );
 }
 
@@ -744,25 +783,55 @@ fn upstream_refault_after_lost_race() {
 /// so it drops its folio and returns.
 #[test]
 fn v1_neighbouring_pages() {
-    scenario("v1_neighbouring_pages", Policy::V1, [&[(1, true)], &[(6, true)]], COV_LOST_RACE_COVERED | COV_CONTENDED);
+    scenario(
+        "v1_neighbouring_pages",
+        Policy::V1,
+        ORDERS,
+        4,
+        &[&[(1, true)], &[(6, true)]],
+        COV_LOST_RACE_COVERED | COV_CONTENDED,
+    );
 }
 
 /// v1, a lost race with the faulting PTE still none (a zero page was mapped
 /// elsewhere in its range): it retries one order lower, without refaulting.
 #[test]
 fn v1_lower_order_retry() {
-    scenario("v1_lower_order_retry", Policy::V1, [&[(5, false)], &[(2, true)]], COV_LOST_RACE | COV_V1_LOWER);
+    scenario(
+        "v1_lower_order_retry",
+        Policy::V1,
+        ORDERS,
+        4,
+        &[&[(5, false)], &[(2, true)]],
+        COV_LOST_RACE | COV_V1_LOWER,
+    );
 }
 
-/// v1, one CPU reads a page then writes a neighbour (a zero page then an
-/// order-2 folio) while the other writes the other half of the range.
+/// v1, one CPU reads a page then writes a neighbour (a zero page, then an
+/// order-2 folio beside it) while the other writes the other half.
 #[test]
 fn v1_two_accesses() {
     scenario(
         "v1_two_accesses",
         Policy::V1,
-        [&[(6, false), (1, true)], &[(4, true)]],
+        ORDERS,
+        4,
+        &[&[(6, false), (1, true)], &[(4, true)]],
         COV_LOST_RACE | COV_V1_LOWER,
+    );
+}
+
+/// v1, three CPUs: a retry one order lower can lose again (order 3, then 2,
+/// then 0) when two other CPUs map into its ranges.
+#[test]
+fn v1_three_cpus() {
+    scenario(
+        "v1_three_cpus",
+        Policy::V1,
+        ORDERS,
+        2,
+        &[&[(2, true)], &[(7, false)], &[(1, false)]],
+        COV_LOST_RACE | COV_V1_LOWER | COV_READ_LOST,
     );
 }
 
@@ -772,7 +841,9 @@ fn preferred_neighbouring_pages() {
     scenario(
         "preferred_neighbouring_pages",
         Policy::Preferred,
-        [&[(1, true)], &[(2, true)]],
+        ORDERS,
+        4,
+        &[&[(1, true)], &[(2, true)]],
         COV_LOST_RACE_COVERED | COV_CONTENDED,
     );
 }
@@ -781,18 +852,41 @@ fn preferred_neighbouring_pages() {
 /// refaults and falls back to order 0.
 #[test]
 fn preferred_vs_read() {
-    scenario("preferred_vs_read", Policy::Preferred, [&[(5, false)], &[(2, true)]], COV_LOST_RACE | COV_REFAULT);
+    scenario(
+        "preferred_vs_read",
+        Policy::Preferred,
+        ORDERS,
+        4,
+        &[&[(5, false)], &[(2, true)]],
+        COV_LOST_RACE | COV_REFAULT,
+    );
 }
 
 /// A read fault (zero page) and a write fault on the same page: the write
-/// either wins, or loses and copies the zero page (do_wp_page), whose own
-/// re-check may lose too.
+/// either wins, or loses and copies the zero page (do_wp_page).
 #[test]
 fn read_vs_write_same_page() {
     scenario(
         "read_vs_write_same_page",
         Policy::Upstream,
-        [&[(3, false)], &[(3, true)]],
+        ORDERS,
+        4,
+        &[&[(3, false)], &[(3, true)]],
         COV_LOST_RACE_COVERED | COV_WP_COPY | COV_READ_LOST | COV_REFAULT,
+    );
+}
+
+/// Two writes to a page that a third CPU reads: the zero page can appear
+/// between one writer's lockless check and its do_wp_page re-check, and the
+/// two wp copies race each other.
+#[test]
+fn read_vs_two_writes_same_page() {
+    scenario(
+        "read_vs_two_writes_same_page",
+        Policy::Upstream,
+        ORDERS,
+        2,
+        &[&[(3, true)], &[(3, false)], &[(3, true)]],
+        COV_WP_COPY | COV_WP_RACE | COV_READ_LOST | COV_REFAULT,
     );
 }

@@ -557,12 +557,16 @@ def test_sweep():
     got = [(r.params["label"], r.params["size"], r.faults) for r in rows]
     assert got == [("4k", "1M", 256), ("4k", "2M", 512), ("64k", "1M", 16), ("64k", "2M", 32),
                    ("16k", "1M", 64), ("16k", "2M", 128)]
-    rows = anonfolio.sweep([only(**{"64kB": "always"})], sizes="1M", threads=[1, 2])
+    rows = anonfolio.sweep("sequential", size="1M", configs=[only(**{"64kB": "always"})], threads=[1, 2])
     assert [r.params["threads"] for r in rows] == [1, 2]
     assert all(r.rss_bytes == MiB for r in rows)
+    rows = anonfolio.sweep(["sequential", "stride"], size="1M", configs=only(**{"64kB": "always"}), stride=16)
+    assert [(r.params["workload"], r.faults) for r in rows] == [("sequential", 16), ("stride", 16)]
     t = f"mmap {B:#x} {MiB:#x}\n" + writes(B, 256)
     rows = anonfolio.sweep([only(), only(**{"64kB": "always"})], trace=t)
     assert [r.faults for r in rows] == [256, 16]
+    with pytest.raises(TypeError):
+        anonfolio.sweep(only(), configs=[only()])
 
 
 def test_public_api_surface():

@@ -231,6 +231,13 @@ def test_run_default_is_a_quick_readable_table(capsys):
     assert "faults" in out and "2048kB" in out and "1.0 GiB" in out
 
 
+def test_run_table_without_mthp(capsys):
+    rc, out, err = anonfolio(capsys, "run", "--size", "4M", "--thp", "2M=never")
+    assert rc == 0, err
+    assert "1,024" in out and "(no mTHP activity)" in out
+    assert "4kB" in out, "the folio histogram names order 0 too"
+
+
 @pytest.mark.parametrize("workload", ["sequential", "reverse", "stride", "random", "sparse", "page_fault1"])
 def test_run_workloads(capsys, workload):
     rc, out, err = anonfolio(capsys, "run", "--workload", workload, "--size", "4M", "--thp", "2M=never",

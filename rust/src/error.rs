@@ -19,6 +19,8 @@ pub enum Error {
     Oom(u64),
     /// The kernel oracle could not run (not Linux, no permission, syscall failed).
     Oracle(String),
+    /// The invariant checker found the simulated state inconsistent.
+    Invariant(String),
     /// An error raised by the operation on a given trace line.
     AtLine(u32, Box<Error>),
 }
@@ -42,6 +44,7 @@ impl fmt::Display for Error {
             Error::Segv(a) => write!(f, "segmentation fault: access at {a:#x} is outside every VMA"),
             Error::Oom(a) => write!(f, "out of memory handling the fault at {a:#x} (VM_FAULT_OOM)"),
             Error::Oracle(m) => write!(f, "kernel oracle: {m}"),
+            Error::Invariant(m) => write!(f, "invariant violated: {m}"),
             Error::AtLine(n, e) => write!(f, "line {n}: {e}"),
         }
     }

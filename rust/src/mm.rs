@@ -270,6 +270,7 @@ impl Mm {
         let r = self.access_locked(cpu, addr, write);
         if !held {
             self.read_unlock(cpu);
+            cpu.sync_pcp_gauge();
         }
         r
     }
@@ -286,6 +287,7 @@ impl Mm {
         if cpu.read_held {
             self.read_unlock(cpu);
         }
+        cpu.sync_pcp_gauge();
     }
 
     /// A snapshot of all figures, summed over CPUs.

@@ -48,7 +48,7 @@ pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut
     drop(cpus);
     if check && error.is_none() {
         if let Err(e) = mm.check_invariants() {
-            error = Some(Error::Config(format!("invariant violated: {e}")));
+            error = Some(Error::Invariant(e));
         }
     }
     RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults: crate::mm::cpu_ops(mm) }

@@ -195,9 +195,8 @@ pub fn config_from_py(
 }
 
 fn apply_dict(py: Python<'_>, cfg: &mut Config, d: &Bound<'_, PyDict>) -> PyResult<()> {
-    // `hugepages` is applied after `enabled` whatever the order: both are
-    // independent knobs, so the order does not matter, but errors read
-    // better in the order of the fields.
+    // Known fields in their documented order (so the first error reported
+    // is the first bad field), then any unknown key, which is an error.
     for name in CONFIG_FIELDS {
         if let Some(v) = d.get_item(name)? {
             apply_field(py, cfg, name, &v)?;
@@ -212,7 +211,7 @@ fn apply_dict(py: Python<'_>, cfg: &mut Config, d: &Bound<'_, PyDict>) -> PyResu
     Ok(())
 }
 
-/// The sysfs names of the sizes a `hugepages-*` folder exists for, by order.
+/// The orders a `hugepages-*` folder exists for (8kB..2048kB).
 pub fn thp_orders() -> impl Iterator<Item = usize> {
     1..=PMD_ORDER
 }

@@ -187,7 +187,7 @@ pub fn to_pyerr(py: Python<'_>, e: &Error) -> PyErr {
         Error::Parse(_) => Kind::Trace,
         Error::InvalidRange(_) | Error::Overlap(_) => Kind::Range,
         // The core reports a failed check after a run this way.
-        Error::Config(m) if m.starts_with("invariant violated") => Kind::Invariant,
+        Error::Invariant(_) => Kind::Invariant,
         Error::Config(_) => Kind::Config,
         Error::Segv(a) | Error::Oom(a) => {
             let Ok(a) = a.into_pyobject(py);

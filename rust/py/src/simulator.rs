@@ -111,14 +111,12 @@ impl Simulator {
         if hugepage && nohugepage {
             return Err(new_err(py, Kind::Range, "mmap cannot be both hugepage and nohugepage".into(), &[]));
         }
-        trace::check_range(addr, len, 0).py_err(py)?;
         let flags = MmapFlags { hugepage, nohugepage, uffd_wp };
         self.with_cpu(py, move |mm, cpu| mm.mmap(cpu, addr, len, flags))
     }
 
     fn munmap(&self, py: Python<'_>, addr: u64, length: &Bound<'_, PyAny>) -> PyResult<()> {
         let len = bytes_arg(py, "length", length)?;
-        trace::check_range(addr, len, 0).py_err(py)?;
         self.with_cpu(py, move |mm, cpu| mm.munmap(cpu, addr, len))
     }
 
@@ -127,7 +125,6 @@ impl Simulator {
         let advice = Advice::parse(&advice).ok_or_else(|| {
             config_err(py, format!("unknown advice {advice:?} (want dontneed, hugepage or nohugepage)"))
         })?;
-        trace::check_range(addr, len, 0).py_err(py)?;
         self.with_cpu(py, move |mm, cpu| mm.madvise(cpu, addr, len, advice))
     }
 
