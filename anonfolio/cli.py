@@ -125,6 +125,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--policy", choices=POLICIES, metavar="POLICY",
                    help="fault path: upstream (default; Linux 6.8..6.18), v1 (the seed patch) or preferred")
+    g.add_argument("--on-race", choices=("refault", "retry-lower"), metavar="HOW",
+                   help="after a lost race: refault (upstream, preferred) or retry-lower (v1); default: the policy's own")
     g.add_argument("--no-zero-page", action="store_true", help="use_zero_page=0: no huge zero page (a read fault in a THP-eligible range allocates)")
     m = p.add_argument_group("simulated machine")
     m.add_argument("--memory", type=_bytes, metavar="BYTES", help="physical memory (default 4T)")
@@ -155,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         fields["fail_orders"] = [int(x) if x.isdigit() else x for x in fail]
     if getattr(args, "check_invariants", False):
         fields["check_invariants"] = True
+    if getattr(args, "on_race", None):
+        fields["on_race"] = args.on_race
     return Config.from_args(args, **fields)
 
 

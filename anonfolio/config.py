@@ -51,6 +51,10 @@ class Config:
             faults always map the shared zero page).
         policy: ``upstream`` (Linux 6.8 .. 6.18), ``v1`` (the seed patch) or
             ``preferred`` (the preferred order, else order 0).
+        on_race: what a fault does after losing a race: ``refault`` (drop the
+            folio, fault again) or ``retry-lower`` (v1: retry one order lower
+            in the same fault while the faulting PTE is still none); None is
+            the policy's own (v1 retries, the others refault).
         memory: simulated physical memory, bytes or a string such as ``"64G"``.
         memcg_limit: memcg ``memory.max`` in bytes (or ``"512M"``); None for no limit.
         fragmentation: fraction 0..1 of pageblocks to pin before the run.
@@ -67,6 +71,7 @@ class Config:
     hugepages: Mapping[str, str] = dataclasses.field(default_factory=dict)
     use_zero_page: bool = True
     policy: str = "upstream"
+    on_race: Optional[str] = None
     memory: Bytes = "4T"
     memcg_limit: Optional[Bytes] = None
     fragmentation: float = 0.0

@@ -89,6 +89,44 @@ impl Policy {
     }
 }
 
+/// What a fault does when the re-check under the PTL finds that another CPU
+/// populated part of its range first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRace {
+    /// Drop the folio and return; the access faults again if its PTE is
+    /// still none (upstream, and Yang Shi's "just exit ... like the order-0").
+    Refault,
+    /// If the faulting PTE is still none, drop the folio and retry one order
+    /// lower inside the same fault (the seed patch v1).
+    RetryLower,
+}
+
+impl OnRace {
+    pub fn parse(s: &str) -> Result<OnRace> {
+        match s {
+            "refault" => Ok(OnRace::Refault),
+            "retry-lower" => Ok(OnRace::RetryLower),
+            _ => Err(Error::Config(format!("unknown race handling {s:?} (want refault or retry-lower)"))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            OnRace::Refault => "refault",
+            OnRace::RetryLower => "retry-lower",
+        }
+    }
+}
+
+impl Policy {
+    /// The race handling each policy was proposed with.
+    pub fn default_on_race(self) -> OnRace {
+        match self {
+            Policy::V1 => OnRace::RetryLower,
+            Policy::Upstream | Policy::Preferred => OnRace::Refault,
+        }
+    }
+}
+
 /// The sysfs name of an order's folder: `hugepages-64kB` -> "64kB".
 pub fn size_name(order: usize) -> String {
     format!("{}kB", (1u64 << (order as u32 + PAGE_SHIFT)) >> 10)
@@ -168,6 +206,8 @@ pub struct Config {
     /// `transparent_hugepage/use_zero_page`.
     pub use_zero_page: bool,
     pub policy: Policy,
+    /// Race handling; `None` is the policy's own.
+    pub on_race: Option<OnRace>,
     pub memory: MemoryConfig,
     /// Check the invariants (mapcounts, conservation of pages) after a run.
     pub check_invariants: bool,
@@ -184,6 +224,7 @@ impl Default for Config {
             sizes,
             use_zero_page: true,
             policy: Policy::Upstream,
+            on_race: None,
             memory: MemoryConfig::default(),
             check_invariants: false,
         }
@@ -191,6 +232,11 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The race handling in force.
+    pub fn on_race(&self) -> OnRace {
+        self.on_race.unwrap_or(self.policy.default_on_race())
+    }
+
     /// Applies `SIZE=MODE` as `--thp` takes it.
     pub fn set_size_mode(&mut self, spec: &str) -> Result<()> {
         let (size, mode) = spec

@@ -3,7 +3,7 @@
 //! `__handle_mm_fault` -> `do_huge_pmd_anonymous_page` or
 //! `handle_pte_fault` -> `do_anonymous_page` / `do_wp_page`.
 
-use crate::config::Policy;
+use crate::config::{OnRace, Policy};
 use crate::error::{Error, Result};
 use crate::mm::{Cpu, MmInner, Point};
 use crate::page_alloc::{ORDER_SHIFT, PG_HEAD, PG_PMD_MAPPED};
@@ -329,7 +329,7 @@ impl MmInner {
             // Re-check under the PTL: we could have raced with another CPU.
             let unchanged = if nr == 1 { t.get(idx) == 0 } else { t.range_none(i, nr) };
             if !unchanged {
-                if self.cfg.policy == Policy::V1 && nr > 1 && t.get(idx) == 0 {
+                if self.on_race == OnRace::RetryLower && nr > 1 && t.get(idx) == 0 {
                     // v1: the faulting PTE is still none: retry one order lower.
                     drop(g);
                     self.waste_folio(cpu, pfn, order);

@@ -44,7 +44,7 @@ pub const PMD_ORDER: usize = 9;
 /// Highest buddy order (`MAX_PAGE_ORDER`, 4 MiB blocks).
 pub const MAX_PAGE_ORDER: usize = 10;
 
-pub use config::{Config, Enabled, MemoryConfig, Policy, SizeMode};
+pub use config::{Config, Enabled, MemoryConfig, OnRace, Policy, SizeMode};
 pub use error::{Error, Result};
 pub use mm::{Cpu, Mm};
 pub use replay::{replay, RunOptions, RunResult};

@@ -112,6 +112,8 @@ impl Drop for Cpu {
 
 pub struct MmInner {
     pub cfg: Config,
+    /// `cfg.on_race()`, resolved once.
+    pub on_race: crate::config::OnRace,
     pub pt: PageTable,
     pub alloc: PageAlloc,
     pub memcg: MemCg,
@@ -161,6 +163,7 @@ impl Mm {
                 next_anon_vma: AtomicU64::new(1),
                 huge_zero_used: AtomicBool::new(false),
                 orphan: Arc::new(PerCpu::default()),
+                on_race: cfg.on_race(),
                 cfg,
             }),
         })
