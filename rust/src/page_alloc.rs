@@ -10,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::locks::SpinLock;
-use crate::stats::{Counter, LockCounters};
+use crate::stats::LockCounters;
 use crate::{MAX_PAGE_ORDER, PMD_ORDER};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
@@ -437,9 +437,6 @@ impl PageAlloc {
     }
 }
 
-/// A per-CPU counter of pages on this CPU's lists, readable by others.
-pub type PcpGauge = Counter;
-
 /// A seeded per-CPU random source for failure injection.
 pub struct FailInject {
     pub fail_orders: u32,
@@ -459,10 +456,6 @@ impl FailInject {
         }
         self.fail_rate > 0.0 && rand_unit(&mut self.rng) < self.fail_rate
     }
-}
-
-pub fn new_counter() -> AtomicU64 {
-    AtomicU64::new(0)
 }
 
 #[cfg(test)]

@@ -90,10 +90,10 @@ fn num(tok: Option<&str>, what: &str, lineno: usize) -> Result<u64> {
 /// inside user space.
 pub fn check_range(addr: u64, len: u64, lineno: usize) -> Result<()> {
     let at = if lineno > 0 { format!("line {lineno}: ") } else { String::new() };
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(Error::InvalidRange(format!("{at}address {addr:#x} is not page aligned")));
     }
-    if len == 0 || len % PAGE_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
         return Err(Error::InvalidRange(format!("{at}length {len:#x} is not a positive multiple of the page size")));
     }
     match addr.checked_add(len) {

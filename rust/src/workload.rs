@@ -162,7 +162,7 @@ fn mix(mut x: u64) -> u64 {
 
 impl Workload {
     fn check(&self) -> Result<()> {
-        if self.size == 0 || self.size % PAGE_SIZE != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Config(format!("size {} is not a positive multiple of 4096", self.size)));
         }
         if self.size > 1 << 46 {
@@ -254,7 +254,7 @@ pub fn run_workload(mm: &Mm, w: &Workload, opts: &RunOptions) -> RunResult {
 }
 
 /// Runs thread `t`'s share of a workload on `cpu`; returns operations done.
-fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>, t: u64, nt: u64) -> std::result::Result<u64, (u64, Error)> {
+fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>, t: u64, nt: u64) -> JobResult {
     let mut done = 0u64;
     if w.kind == WorkloadKind::PageFault1 {
         // Each task maps its own region, as will-it-scale's processes/threads do.
@@ -306,9 +306,12 @@ pub fn map_workload(mm: &Mm, cpu: &mut Cpu, w: &Workload) -> Result<()> {
 /// pool (one worker per simulated CPU, so a CPU spinning on a lock never
 /// starves the holder of a worker), or, with `deterministic`, one at a time
 /// under a seeded [`DetSched`].
+/// What one CPU's job returns: operations done, or those and the error.
+type JobResult = std::result::Result<u64, (u64, Error)>;
+
 fn run_cpus<F>(mm: &Mm, mut cpus: Vec<Cpu>, opts: &RunOptions, job: F) -> RunResult
 where
-    F: Fn(usize, &mut Cpu) -> std::result::Result<u64, (u64, Error)> + Sync,
+    F: Fn(usize, &mut Cpu) -> JobResult + Sync,
 {
     let n = cpus.len();
     let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, DEFAULT_SWITCH_PROB));
@@ -321,7 +324,7 @@ where
         Ok(p) => p,
         Err(e) => return finish(mm, cpus, 0.0, 0, Some(Error::Config(format!("cannot start {n} CPU threads: {e}"))), false),
     };
-    let results: Mutex<Vec<(usize, std::result::Result<u64, (u64, Error)>)>> = Mutex::new(Vec::with_capacity(n));
+    let results: Mutex<Vec<(usize, JobResult)>> = Mutex::new(Vec::with_capacity(n));
     let t0 = Instant::now();
     pool.scope(|s| {
         for (t, cpu) in cpus.iter_mut().enumerate() {
