@@ -322,11 +322,27 @@ impl Mm {
 
     /// Checks that every present PTE maps a page of a live folio, that each
     /// folio's mapcount equals the entries mapping it, that no page is mapped
-    /// twice, that RSS agrees, and that no page was lost or made up. Call it
-    /// with no access in flight.
+    /// twice, that RSS agrees, and that no page was lost or made up. It takes
+    /// the mmap lock for write, so it waits for accesses in flight. CPUs
+    /// still alive keep pages on their per-CPU lists; those count as free.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let lc = &self.orphan.page_table_lock;
+        // Exclude faults the way mmap/munmap do: the write side of the mmap lock.
         let _w = self.wlock.lock().unwrap();
+        self.writer.store(true, SeqCst);
+        struct Release<'a>(&'a AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, SeqCst);
+            }
+        }
+        let _release = Release(&self.writer);
+        let readers: Vec<Arc<PerCpu>> = self.cpus.lock().unwrap().clone();
+        for pc in readers.iter() {
+            while pc.reader.load(SeqCst) != 0 {
+                std::thread::yield_now();
+            }
+        }
         let alloc = &self.alloc;
         // head pfn -> pages of it mapped
         let mut mapped: HashMap<u64, u64> = HashMap::new();
