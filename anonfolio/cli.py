@@ -244,13 +244,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_race_policies(args: argparse.Namespace) -> int:
     from . import experiments
 
+    for p in args.policies:
+        if p not in POLICIES:
+            raise CliError(f"unknown policy {p!r} (want {', '.join(POLICIES)})")
+    for m in args.memory:
+        if m not in experiments.MEMORY:
+            raise CliError(f"unknown memory condition {m!r} (want {', '.join(experiments.MEMORY)})")
+    for s in args.sharing:
+        if s not in SHARING:
+            raise CliError(f"unknown sharing {s!r} (want {', '.join(SHARING)})")
     cfg = experiments.RACE_POLICIES_CONFIG
     if args.thp or args.thp_enabled:
         cfg = Config.from_args(args, hugepages=dict(cfg.hugepages))
-    experiments.race_policies(
-        out=args.out, size=args.size, threads=args.threads, repeat=args.repeat, config=cfg,
-        deterministic=None if args.free_threads else args.deterministic, workload=args.workload, log=sys.stderr if not args.quiet else None,
+    res = experiments.race_policies(
+        out=args.out, size=args.size, cpus=args.cpus, seeds=args.seeds, first_seed=args.deterministic,
+        policies=args.policies, sharing=args.sharing, memory=args.memory,
+        free_size=None if args.no_free else args.free_size, free_threads=args.free_threads,
+        free_repeat=args.free_repeat, workload=args.workload, config=cfg,
+        plots=not args.no_plots, jobs=args.jobs, log=sys.stderr if not args.quiet else None,
     )
+    if args.quiet:
+        sys.stdout.write(f"{os.path.join(res.out, 'results.md')}\n")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    cfg = config_from_args(args)
+    if not (args.thp or args.thp_enabled):
+        cfg = cfg.replace(enabled=experiments.RACE_POLICIES_CONFIG.enabled,
+                          hugepages=dict(experiments.RACE_POLICIES_CONFIG.hugepages))
+    res = experiments.scaling(
+        workload=args.workload, threads=args.threads, size=args.size, iterations=args.iterations,
+        repeat=args.repeat, config=cfg, out=args.out, plots=not args.no_plots,
+        log=sys.stderr if args.out else None,
+    )
+    sys.stdout.write(res.table + "\n")
     return 0
 
 
@@ -299,33 +329,78 @@ def build_parser() -> ArgumentParser:
 
     e = sub.add_parser("experiment", help="canned experiments that write tables and plots")
     esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT", parser_class=ArgumentParser)
+
+    def _ints(text: str) -> list[int]:
+        return [_count(1, 1024)(x) for x in text.split(",") if x]
+
+    def _words(text: str) -> list[str]:
+        return [x for x in text.split(",") if x]
+
     rp = esub.add_parser(
         "race-policies",
-        help="the three policies across thread counts and sharing",
-        description="Runs upstream, v1 and preferred with 1, 2 and 4 threads, disjoint and interleaved, "
-                    "and writes results.csv, results.md and plots into --out.",
+        help="is v1's retry-lower worth it compared with refault?",
+        description="Every combination of policy (upstream, v1, preferred) x race handling (refault, retry-lower) "
+                    "x CPUs x sharing (disjoint, interleaved) x memory (plenty, fragmented = fail-rate 0.3): "
+                    "a deterministic pass over several seeds (race counts) and a free-running pass on host threads "
+                    "(time, lock contention). Writes results.csv, medians.csv, results.md (with computed findings) "
+                    "and plots into --out.",
     )
     rp.add_argument("--out", default=os.path.join("out", "race-policies"), metavar="DIR",
                     help="output folder (default out/race-policies)")
-    rp.add_argument("--size", type=_bytes, default=_anonfolio.parse_bytes("256M"), metavar="BYTES",
-                    help="bytes per run (default 256M)")
-    rp.add_argument("--threads", type=lambda s: [_count(1, 1024)(x) for x in s.split(",")], default=[1, 2, 4],
-                    metavar="N,N,...", help="thread counts (default 1,2,4)")
+    rp.add_argument("--size", type=_bytes, default=_anonfolio.parse_bytes("48M"), metavar="BYTES",
+                    help="bytes per deterministic run (default 48M)")
+    rp.add_argument("--cpus", type=_ints, default=[1, 2, 4, 8], metavar="N,N,...",
+                    help="simulated CPUs of the deterministic pass (default 1,2,4,8)")
+    rp.add_argument("--seeds", type=_count(1, 1000), default=7, metavar="N",
+                    help="deterministic seeds per point; tables show median and min..max (default 7)")
+    rp.add_argument("--repeat", type=_count(1, 1000), dest="seeds", help=argparse.SUPPRESS)  # the old name
+    rp.add_argument("--deterministic", type=_count(0), default=1, metavar="SEED",
+                    help="first seed (default 1; seed i seeds both the interleaving and the failure injection)")
+    rp.add_argument("--policies", type=_words, default=list(POLICIES), metavar="P,P,...",
+                    help="policies (default upstream,v1,preferred)")
+    rp.add_argument("--sharing", type=_words, default=["disjoint", "interleaved"], metavar="HOW,...",
+                    help="sharing modes (default disjoint,interleaved)")
+    rp.add_argument("--memory", type=_words, default=["plenty", "fragmented"], metavar="M,...",
+                    help="memory conditions: plenty, fragmented (fail-rate 0.3) (default both)")
+    rp.add_argument("--free-size", type=_bytes, default=_anonfolio.parse_bytes("4G"), metavar="BYTES",
+                    help="bytes per free-running run (default 4G)")
+    rp.add_argument("--free-threads", type=_ints, default=[1, 2], metavar="N,N,...",
+                    help="host threads of the free-running pass (default 1,2)")
+    rp.add_argument("--free-repeat", type=_count(0, 100), default=5, metavar="N",
+                    help="free-running runs per point (default 5; 0 skips the pass)")
+    rp.add_argument("--no-free", action="store_true", help="skip the free-running pass")
     rp.add_argument("--workload", choices=WORKLOADS, default="sequential", metavar="W",
                     help="workload (default sequential)")
-    rp.add_argument("--repeat", type=_count(1, 100), default=5, metavar="N",
-                    help="runs per point; the table shows the median (default 5)")
     rp.add_argument("--thp-enabled", choices=ENABLED_MODES, metavar="MODE",
                     help="transparent_hugepage/enabled (default madvise)")
     rp.add_argument("--thp", action="append", type=_thp_spec, default=[], metavar="SIZE=MODE",
                     help="hugepages-SIZE/enabled, repeatable (default 16kB, 64kB, 256kB always; 2048kB never)")
-    rp.add_argument("--deterministic", type=_count(0), default=1, metavar="SEED",
-                    help="first seed of the deterministic interleavings (default 1; run i uses SEED+i)")
-    rp.add_argument("--free-threads", action="store_true",
-                    help="free-running host threads instead of deterministic interleavings "
-                         "(timing-dependent: on a small machine threads rarely overlap)")
-    rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rp.add_argument("--jobs", type=_count(1, 64), metavar="N",
+                    help="deterministic runs at once (results do not depend on it; default: host CPUs, at most 4)")
+    rp.add_argument("--no-plots", action="store_true", help="no PNGs")
+    rp.add_argument("--quiet", action="store_true", help="no progress on stderr; print the path of results.md")
     rp.set_defaults(func=cmd_race_policies)
+
+    sc = esub.add_parser(
+        "scaling",
+        help="pages touched per second against host threads, with the linear reference",
+        description="Runs the workload free-running on 1, 2, 4 ... host threads and prints ops/s (pages touched "
+                    "per second, median of --repeat runs), the linear reference (1-thread ops/s x N) and the "
+                    "efficiency. page_fault1 is will-it-scale's: each thread maps SIZE, writes a byte a page, "
+                    "unmaps, ITERATIONS times.",
+    )
+    sc.add_argument("--workload", choices=("page_fault1", "sequential"), default="page_fault1", metavar="W",
+                    help="page_fault1 (default) or sequential (one range split between the threads)")
+    sc.add_argument("--threads", type=_ints, default=[1, 2, 4], metavar="N,N,...", help="thread counts (default 1,2,4)")
+    sc.add_argument("--size", type=_bytes, metavar="BYTES",
+                    help="page_fault1: bytes per thread (default 128M); sequential: in all (default 1G)")
+    sc.add_argument("--iterations", type=_count(1), default=10, metavar="N",
+                    help="page_fault1: map-touch-unmap loops per thread (default 10)")
+    sc.add_argument("--repeat", type=_count(1, 100), default=3, metavar="N", help="runs per point (default 3)")
+    sc.add_argument("--out", metavar="DIR", help="also write scaling.csv, scaling.md and scaling.png here")
+    sc.add_argument("--no-plots", action="store_true", help="no PNG")
+    add_config_options(sc)
+    sc.set_defaults(func=cmd_scaling)
     e.set_defaults(func=lambda a: _missing(e, "experiment"))
 
     _add_plugins(sub)

@@ -298,32 +298,6 @@ def test_run_bad_options(capsys, opts, needle):
 # experiment, misc
 
 
-def test_experiment_race_policies(capsys, tmp_path):
-    out_dir = tmp_path / "rp"
-    rc, out, err = anonfolio(capsys, "experiment", "race-policies", "--out", str(out_dir), "--size", "8M",
-                             "--repeat", "2", "--quiet")
-    assert rc == 0, err
-    rows = list(csv.DictReader((out_dir / "results.csv").open()))
-    assert len(rows) == 3 * 3 * 2 * 2
-    assert {r["policy"] for r in rows} == {"upstream", "v1", "preferred"}
-    assert {r["threads"] for r in rows} == {"1", "2", "4"}
-    assert {r["sharing"] for r in rows} == {"disjoint", "interleaved"}
-    for r in rows:
-        assert int(r["rss_bytes"]) == 8 * MiB
-        if r["threads"] == "1":
-            assert r["races"] == "0"
-    md = (out_dir / "results.md").read_text()
-    assert "| policy |" in md and "upstream" in md
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "matplotlib" in md
-    else:
-        for png in ("races.png", "faults.png", "ptl.png", "folio-sizes.png"):
-            data = (out_dir / png).read_bytes()
-            assert data[:8] == b"\x89PNG\r\n\x1a\n", png
-
-
 def test_experiment_needs_a_name(capsys):
     rc, _, err = anonfolio(capsys, "experiment")
     assert_one_line_error(rc, err, "experiment")

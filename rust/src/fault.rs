@@ -150,6 +150,10 @@ impl MmInner {
         if write && pte & PTE_WRITE == 0 {
             return self.do_wp_page(cpu, pmd, addr, pte);
         }
+        // Present and permitted: another CPU got here first. The kernel
+        // takes the PTL to re-check (`pte_same`) before returning.
+        let t = PageTable::pte_table(v);
+        let _g = t.ptl.lock(&cpu.pc.ptl);
         cpu.c().fault.spurious.inc();
         Ok(Fault::Done)
     }

@@ -269,6 +269,8 @@ fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>
                     return Err((done, e));
                 }
                 done += 1;
+                // Another task's mmap/munmap waits for us: let it in.
+                mm.read_yield(cpu);
             }
             mm.end_batch(cpu);
             mm.munmap(cpu, base, w.size).map_err(|e| (done, e))?;
