@@ -19,8 +19,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::time::Duration;
 
 fn config(policy: Policy, modes: &[&str]) -> Config {
-    let mut c = Config::default();
-    c.policy = policy;
+    let mut c = Config { policy, ..Default::default() };
     for m in modes {
         c.set_size_mode(m).unwrap();
     }

@@ -68,7 +68,7 @@ fn suitable(vma: &Vma, addr: u64, order: usize) -> bool {
 impl MmInner {
     /// The MMU: performs the access if the page table allows it, faulting
     /// (and re-executing) until it does. The caller holds the mmap lock for read.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn access_locked(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
         let mut tries = 0u32;
         loop {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 /// `MEMCG_CHARGE_BATCH`: pages pre-charged into a CPU's stock at a time.
 pub const MEMCG_CHARGE_BATCH: u64 = 64;
 
+#[repr(align(128))]
 pub struct MemCg {
     /// Pages charged (including CPUs' stocks).
     usage: AtomicU64,

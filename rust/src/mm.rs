@@ -53,6 +53,7 @@ pub struct PerCpu {
 
 /// A simulated CPU: its per-CPU page lists, memcg stock, counters and
 /// lookup cache. One thread drives a CPU at a time.
+#[repr(align(128))]
 pub struct Cpu {
     pub id: usize,
     pub(crate) mm: Arc<MmInner>,
@@ -265,6 +266,7 @@ impl Mm {
 
     /// One user access (a one-byte read or write at `addr`); faults as the
     /// MMU would. Takes the mmap lock for read around it.
+    #[inline(always)]
     pub fn access(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
         let held = cpu.read_held;
         if !held {

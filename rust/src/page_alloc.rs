@@ -18,7 +18,10 @@ pub const PAGE_ALLOC_COSTLY_ORDER: usize = 3;
 /// Pages moved between the zone and a per-CPU list at a time.
 pub const PCP_BATCH: u64 = 63;
 /// A per-CPU list holding more pages than this is drained by a batch.
-pub const PCP_HIGH: u64 = 6 * PCP_BATCH;
+pub const PCP_HIGH: u64 = 2 * (PCP_BATCH << PCP_BATCH_SCALE_MAX);
+/// `CONFIG_PCP_BATCH_SCALE_MAX`: a CPU that keeps allocating refills up to
+/// `PCP_BATCH << 5` order-0 pages at a time (`nr_pcp_alloc()`, 6.7+).
+pub const PCP_BATCH_SCALE_MAX: u32 = 5;
 
 /// `pcp_allowed_order()`.
 #[inline(always)]
@@ -150,9 +153,21 @@ pub struct AllocShared {
     pub pinned: AtomicU64,
 }
 
+/// Keeps a value on cache lines of its own (no false sharing with the
+/// fields every fault reads, such as `map`).
+#[repr(align(128))]
+pub struct Padded<T>(pub T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 pub struct PageAlloc {
     map: MemMap,
-    zone: SpinLock<Zone>,
+    zone: Padded<SpinLock<Zone>>,
     pub phys_pages: u64,
     fragmentation: f64,
     pub shared: AllocShared,
@@ -189,12 +204,12 @@ impl PageAlloc {
         }
         Ok(PageAlloc {
             map: MemMap::new(phys_pages as usize)?,
-            zone: SpinLock::new(Zone {
+            zone: Padded(SpinLock::new(Zone {
                 free: Default::default(),
                 frontier: 0,
                 nr_free: 0,
                 rng: seed ^ 0x9e37_79b9_7f4a_7c15 | 1,
-            }),
+            })),
             phys_pages,
             fragmentation,
             shared: AllocShared::default(),
@@ -220,7 +235,7 @@ impl PageAlloc {
                 return Some(pfn as u64);
             }
             // rmqueue_bulk(): refill a batch under the zone lock.
-            let n = (PCP_BATCH >> order).max(2);
+            let n = if order == 0 { PCP_BATCH << PCP_BATCH_SCALE_MAX } else { (PCP_BATCH >> order).max(2) };
             let mut z = self.zone.lock(zl);
             for _ in 0..n {
                 match self.rmqueue(&mut z, order) {
@@ -264,18 +279,19 @@ impl PageAlloc {
     pub fn drain_pcp(&self, pcp: &mut PerCpuPages, pages: u64, zl: &LockCounters) {
         let mut z = self.zone.lock(zl);
         let mut freed = 0u64;
-        'outer: while freed < pages && pcp.count > 0 {
+        // Oldest first (the kernel frees from the tail), each list in turn,
+        // a share of `pages` from each.
+        while freed < pages && pcp.count > 0 {
             for i in 0..NR_PCP_LISTS {
                 let order = if i == PAGE_ALLOC_COSTLY_ORDER + 1 { PMD_ORDER } else { i };
-                // Oldest first, as the kernel frees from the tail.
-                if !pcp.lists[i].is_empty() {
-                    let pfn = pcp.lists[i].remove(0) as u64;
-                    pcp.count -= 1 << order;
-                    freed += 1 << order;
-                    self.free_one(&mut z, pfn, order);
-                    if freed >= pages {
-                        break 'outer;
-                    }
+                let want = ((pages - freed).div_ceil(1 << order)).min(pcp.lists[i].len() as u64) as usize;
+                for pfn in pcp.lists[i].drain(..want) {
+                    self.free_one(&mut z, pfn as u64, order);
+                }
+                pcp.count -= (want as u64) << order;
+                freed += (want as u64) << order;
+                if freed >= pages {
+                    break;
                 }
             }
         }
