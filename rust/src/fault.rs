@@ -27,6 +27,13 @@ pub fn folio_mk_pte(pfn: u64, order: usize) -> u64 {
     mk_pte(pfn, true) | (order as u64) << PTE_ORDER_SHIFT
 }
 
+/// `VM_FAULT_OOM`: the only error inside the fault path. A zero-sized
+/// type, so results carry no drop glue on the hot path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oom;
+
+type VmResult<T> = std::result::Result<T, Oom>;
+
 /// What a fault handler returns: the access is satisfied, or the CPU must
 /// re-execute it (and may fault again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +79,8 @@ impl MmInner {
     pub(crate) fn access_locked(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
         let mut tries = 0u32;
         loop {
-            if let Some(pmd) = self.pt.pmd_offset(addr) {
+            let walked = self.pt.pmd_offset(addr);
+            if let Some(pmd) = walked {
                 let v = pmd.load(Acquire);
                 if v != 0 {
                     if pmd_huge(v) {
@@ -97,22 +105,25 @@ impl MmInner {
             // SAFETY: the VMA lives while we hold the mmap lock for read;
             // detach the borrow from `cpu`.
             let vma: &Vma = unsafe { &*(vma as *const Vma) };
-            if self.handle_mm_fault(cpu, vma, addr, write)? == Fault::Done {
+            if self.handle_mm_fault(cpu, vma, addr, write, walked).map_err(|_| Error::Oom(addr))? == Fault::Done {
                 return Ok(());
             }
         }
     }
 
     /// `handle_mm_fault()` / `__handle_mm_fault()`.
-    pub(crate) fn handle_mm_fault(&self, cpu: &mut Cpu, vma: &Vma, addr: u64, write: bool) -> Result<Fault> {
+    /// `pmd` is the entry the MMU's walk found, if the tables down to it exist.
+    pub(crate) fn handle_mm_fault(&self, cpu: &mut Cpu, vma: &Vma, addr: u64, write: bool, pmd: Option<&AtomicU64>) -> VmResult<Fault> {
         cpu.c().vm.pgfault.inc();
-        crate::mm::count_op(cpu);
         // vmf_anon_prepare(): the VMA gets its anon_vma on the first fault.
         if vma.anon_vma() == 0 {
             let id = self.new_anon_vma();
             let _ = vma.anon_vma.compare_exchange(0, id, Relaxed, Relaxed);
         }
-        let pmd = self.pt.pmd_alloc(addr, &cpu.pc.page_table_lock);
+        let pmd = match pmd {
+            Some(p) => p,
+            None => self.pt.pmd_alloc(addr, &cpu.pc.page_table_lock),
+        };
         let mut pmdval = pmd.load(Acquire);
         if pmdval == 0 && vma.orders & (1 << PMD_ORDER) != 0 {
             if let Some(r) = self.do_huge_pmd_anonymous_page(cpu, vma, pmd, addr, write)? {
@@ -135,7 +146,7 @@ impl MmInner {
     }
 
     /// `handle_pte_fault()`.
-    fn handle_pte_fault(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> Result<Fault> {
+    fn handle_pte_fault(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
         let v = pmd.load(Acquire);
         if v == 0 {
             return self.do_anonymous_page(cpu, vma, pmd, addr, write);
@@ -193,11 +204,11 @@ impl MmInner {
     }
 
     /// `folio_prealloc()`: an order-0 zeroed, charged folio, or OOM.
-    fn folio_prealloc(&self, cpu: &mut Cpu, addr: u64) -> Result<u64> {
-        let pfn = self.vma_alloc_folio(cpu, 0).ok_or(Error::Oom(addr))?;
+    fn folio_prealloc(&self, cpu: &mut Cpu) -> VmResult<u64> {
+        let pfn = self.vma_alloc_folio(cpu, 0).ok_or(Oom)?;
         if !self.memcg.charge(&mut cpu.stock, 1) {
             self.free_folio(cpu, pfn, 0, false);
-            return Err(Error::Oom(addr));
+            return Err(Oom);
         }
         Ok(pfn)
     }
@@ -219,7 +230,7 @@ impl MmInner {
 
     /// `alloc_anon_folio()` of the selected policy. `max_order` caps the
     /// order (v1's retry one order lower). Returns the folio and its order.
-    fn alloc_anon_folio(&self, cpu: &mut Cpu, vma: &Vma, t: &PteTable, addr: u64, max_order: usize) -> Result<(u64, usize)> {
+    fn alloc_anon_folio(&self, cpu: &mut Cpu, vma: &Vma, t: &PteTable, addr: u64, max_order: usize) -> VmResult<(u64, usize)> {
         // userfaultfd_armed(): per-page fidelity, order 0.
         let mut orders = if vma.flags.uffd_wp { 0 } else { vma.orders & ((1 << PMD_ORDER) - 1) & ((2 << max_order) - 1) };
         if orders != 0 {
@@ -278,7 +289,7 @@ impl MmInner {
                             if !self.memcg.charge(&mut cpu.stock, 1 << order) {
                                 self.free_folio(cpu, pfn, order, false);
                                 cpu.c().mthp[order].anon_fault_fallback_charge.inc();
-                                return Err(Error::Oom(addr));
+                                return Err(Oom);
                             }
                             return Ok((pfn, order));
                         }
@@ -300,11 +311,11 @@ impl MmInner {
                 }
             }
         }
-        Ok((self.folio_prealloc(cpu, addr)?, 0))
+        Ok((self.folio_prealloc(cpu)?, 0))
     }
 
     /// `do_anonymous_page()`.
-    fn do_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> Result<Fault> {
+    fn do_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
         if !self.pt.pte_alloc(pmd, &cpu.pc.page_table_lock) {
             // A huge PMD appeared meanwhile: re-execute.
             return Ok(Fault::Retry);
@@ -346,8 +357,11 @@ impl MmInner {
                 return Ok(Fault::Retry);
             }
             // folio_ref_add(nr - 1), folio_add_new_anon_rmap(), set_ptes().
+            // vma_alloc_folio() left refcount 1 and mapcount 0.
             let p = self.alloc.page(pfn);
-            p.count.store(nr as u32, Relaxed);
+            if nr > 1 {
+                p.count.store(nr as u32, Relaxed);
+            }
             p.set_info(PG_HEAD | (order as u32) << ORDER_SHIFT | nr as u32);
             t.set_ptes(i, folio_mk_pte(pfn, order), nr);
             drop(g);
@@ -364,8 +378,8 @@ impl MmInner {
     }
 
     /// `do_wp_page()` on the zero page: `wp_page_copy()` into an order-0 folio.
-    fn do_wp_page(&self, cpu: &mut Cpu, pmd: &AtomicU64, addr: u64, orig: u64) -> Result<Fault> {
-        let pfn = self.folio_prealloc(cpu, addr)?;
+    fn do_wp_page(&self, cpu: &mut Cpu, pmd: &AtomicU64, addr: u64, orig: u64) -> VmResult<Fault> {
+        let pfn = self.folio_prealloc(cpu)?;
         let t = PageTable::pte_table(pmd.load(Acquire));
         let idx = pte_index(addr);
         cpu.preempt(Point::BeforeLock);
@@ -427,7 +441,7 @@ impl MmInner {
     }
 
     /// `do_huge_pmd_anonymous_page()`. `None` is VM_FAULT_FALLBACK.
-    fn do_huge_pmd_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> Result<Option<Fault>> {
+    fn do_huge_pmd_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Option<Fault>> {
         let haddr = align_down(addr, PMD_SIZE);
         if haddr < vma.start || haddr + PMD_SIZE > vma.end {
             return Ok(None);
@@ -460,7 +474,7 @@ impl MmInner {
 
     /// `do_huge_zero_wp_pmd()`: a write to the huge zero page gets a THP.
     /// `None` is VM_FAULT_FALLBACK (split the PMD, then the PTE path).
-    fn do_huge_zero_wp_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64, _addr: u64) -> Result<Option<Fault>> {
+    fn do_huge_zero_wp_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64, _addr: u64) -> VmResult<Option<Fault>> {
         let Some(pfn) = self.alloc_anon_folio_pmd(cpu) else { return Ok(None) };
         let g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
         if pmd.load(Acquire) != HUGE_ZERO_PMD {

@@ -46,8 +46,6 @@ pub struct PerCpu {
     pub mmap_lock: LockCounters,
     /// Pages on this CPU's per-CPU lists.
     pub pcp_pages: Counter,
-    /// Faults this CPU completed (for fairness figures).
-    pub ops: Counter,
     reader: AtomicU32,
 }
 
@@ -570,12 +568,7 @@ impl MmInner {
     }
 }
 
-/// Counts a CPU's completed operation (fairness figures).
-#[inline(always)]
-pub(crate) fn count_op(cpu: &Cpu) {
-    cpu.pc.ops.inc();
-}
-
+/// Faults each CPU handled, for fairness figures.
 pub(crate) fn cpu_ops(mm: &Mm) -> Vec<u64> {
-    mm.cpus.lock().unwrap().iter().map(|p| p.ops.get()).collect()
+    mm.cpus.lock().unwrap().iter().map(|p| p.counters.vm.pgfault.get()).collect()
 }

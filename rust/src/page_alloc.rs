@@ -237,15 +237,36 @@ impl PageAlloc {
             // rmqueue_bulk(): refill a batch under the zone lock.
             let n = if order == 0 { PCP_BATCH << PCP_BATCH_SCALE_MAX } else { (PCP_BATCH >> order).max(2) };
             let mut z = self.zone.lock(zl);
-            for _ in 0..n {
+            let list = &mut pcp.lists[i];
+            let mut got = 0u64;
+            while got < n {
+                if (order..=MAX_PAGE_ORDER).all(|o| z.free[o].is_empty()) && !self.carve(&mut z) {
+                    break;
+                }
+                // A whole free block that fits in the batch is split into
+                // `order` pieces at once: the same pages __rmqueue_smallest()
+                // would hand out one by one, without the intermediate lists.
+                if let Some(o) = (order + 1..=MAX_PAGE_ORDER).find(|&o| !z.free[o].is_empty()).filter(|&o| {
+                    z.free[order].is_empty() && (1u64 << (o - order)) <= n - got
+                }) {
+                    let head = z.free[o].pop().expect("non-empty") as u64;
+                    self.page(head).set_info(0);
+                    z.nr_free -= 1 << o;
+                    // Ascending pfns come off the end of the list first.
+                    let step = 1u64 << order;
+                    list.extend((0..(1u64 << (o - order))).rev().map(|k| (head + k * step) as u32));
+                    got += 1 << (o - order);
+                    continue;
+                }
                 match self.rmqueue(&mut z, order) {
                     Some(pfn) => {
-                        pcp.lists[i].push(pfn as u32);
-                        pcp.count += 1 << order;
+                        list.push(pfn as u32);
+                        got += 1;
                     }
                     None => break,
                 }
             }
+            pcp.count += got << order;
             drop(z);
             let pfn = pcp.lists[i].pop()?;
             pcp.count -= 1 << order;
