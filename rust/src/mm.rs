@@ -567,8 +567,3 @@ impl MmInner {
         });
     }
 }
-
-/// Faults each CPU handled, for fairness figures.
-pub(crate) fn cpu_ops(mm: &Mm) -> Vec<u64> {
-    mm.cpus.lock().unwrap().iter().map(|p| p.counters.vm.pgfault.get()).collect()
-}

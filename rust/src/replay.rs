@@ -27,8 +27,23 @@ pub struct RunResult {
     /// The first error (its trace line in `Error::AtLine`); the figures are
     /// those of what ran before it.
     pub error: Option<Error>,
-    /// Faults handled by each CPU, for fairness.
+    /// Faults handled by each CPU of the run, for fairness.
     pub per_cpu_faults: Vec<u64>,
+}
+
+impl RunResult {
+    /// Jain's fairness index of the per-CPU faults: 1 when every CPU
+    /// handled the same number, 1/n when one CPU did all the work.
+    pub fn fairness(&self) -> f64 {
+        let n = self.per_cpu_faults.len() as f64;
+        let sum: f64 = self.per_cpu_faults.iter().map(|&x| x as f64).sum();
+        let sq: f64 = self.per_cpu_faults.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        if sq == 0.0 {
+            1.0
+        } else {
+            sum * sum / (n * sq)
+        }
+    }
 }
 
 /// Runs one operation on `cpu`.
@@ -45,13 +60,14 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
 }
 
 pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut error: Option<Error>, check: bool) -> RunResult {
+    let per_cpu_faults = cpus.iter().map(|c| c.c().vm.pgfault.get()).collect();
     drop(cpus);
     if check && error.is_none() {
         if let Err(e) = mm.check_invariants() {
             error = Some(Error::Invariant(e));
         }
     }
-    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults: crate::mm::cpu_ops(mm) }
+    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults }
 }
 
 /// Replays a parsed trace. Each `@T` thread runs its own lines in order.

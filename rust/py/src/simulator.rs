@@ -76,6 +76,8 @@ impl Simulator {
         self.add_elapsed(r.elapsed_s);
         let d = stats_to_py(py, &r.stats, r.elapsed_s)?;
         d.set_item("ops", r.ops_done)?;
+        d.set_item("per_cpu_faults", r.per_cpu_faults.clone())?;
+        d.set_item("fairness", r.fairness())?;
         match &r.error {
             None => Ok(d),
             Some(e) => {
