@@ -153,7 +153,9 @@ class Config:
         """
         out = {"enabled": self.enabled, "use_zero_page": "1" if self.use_zero_page else "0"}
         for size, mode in self.hugepages.items():
-            out[f"hugepages-{size}/enabled"] = mode
+            # hugepages-8kB exists for files only: anon has no order-1 knob.
+            if size != "8kB":
+                out[f"hugepages-{size}/enabled"] = mode
         return out
 
     @property

@@ -169,8 +169,8 @@ impl MmInner {
         Ok(Fault::Done)
     }
 
-    /// `vma_alloc_folio()` with injected failures; the folio comes back with
-    /// refcount 1 and no mappings.
+    /// `vma_alloc_folio()` with injected failures. The caller initialises
+    /// the folio's `struct page` when it maps it.
     #[inline(always)]
     fn vma_alloc_folio(&self, cpu: &mut Cpu, order: usize) -> Option<u64> {
         if cpu.fail.should_fail(order) {
@@ -178,9 +178,9 @@ impl MmInner {
         }
         let pfn = self.alloc.alloc(&mut cpu.pcp, order, &cpu.pc.zone_lock)?;
         cpu.c().vm.pgalloc.add(1 << order);
-        let p = self.alloc.page(pfn);
-        p.count.store(1, Relaxed);
-        p.set_info(PG_HEAD | (order as u32) << ORDER_SHIFT);
+        // The struct page is written when the folio is mapped, under the
+        // lock: a store that misses the cache here would stall the PTL's
+        // locked compare-exchange behind it.
         Some(pfn)
     }
 
@@ -357,11 +357,8 @@ impl MmInner {
                 return Ok(Fault::Retry);
             }
             // folio_ref_add(nr - 1), folio_add_new_anon_rmap(), set_ptes().
-            // vma_alloc_folio() left refcount 1 and mapcount 0.
             let p = self.alloc.page(pfn);
-            if nr > 1 {
-                p.count.store(nr as u32, Relaxed);
-            }
+            p.count.store(nr as u32, Relaxed);
             p.set_info(PG_HEAD | (order as u32) << ORDER_SHIFT | nr as u32);
             t.set_ptes(i, folio_mk_pte(pfn, order), nr);
             drop(g);

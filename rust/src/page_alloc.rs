@@ -112,6 +112,10 @@ impl MemMap {
                 0,
             )
         };
+        if p != libc::MAP_FAILED {
+            // Host huge pages: one host fault per 2 MiB of map, not per 4 KiB.
+            unsafe { libc::madvise(p, bytes.max(1), libc::MADV_HUGEPAGE) };
+        }
         if p == libc::MAP_FAILED {
             return Err(Error::Config(format!(
                 "cannot reserve a memory map for {len} simulated pages ({bytes} bytes of host address space)"

@@ -70,11 +70,74 @@ pub struct PteTable {
     pub ptes: [AtomicU64; PTRS_PER_TABLE],
 }
 
-impl PteTable {
-    fn new() -> Box<PteTable> {
-        // SAFETY: all-zero is a valid PteTable (unlocked, every PTE none).
-        unsafe { Box::<PteTable>::new_zeroed().assume_init() }
+/// Where PTE tables come from: chunks of host memory on host huge pages
+/// (one host fault per 2 MiB of tables instead of one per table), with
+/// freed tables kept for reuse. All-zero memory is an empty, unlocked table.
+struct PteArena {
+    inner: std::sync::Mutex<ArenaInner>,
+}
+
+struct ArenaInner {
+    chunks: Vec<(*mut u8, usize)>,
+    free: Vec<*mut PteTable>,
+    next: usize,
+    end: usize,
+}
+
+const ARENA_CHUNK: usize = 32 << 20;
+
+impl PteArena {
+    fn new() -> PteArena {
+        PteArena { inner: std::sync::Mutex::new(ArenaInner { chunks: Vec::new(), free: Vec::new(), next: 0, end: 0 }) }
     }
+
+    fn alloc(&self) -> *mut PteTable {
+        let mut a = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = a.free.pop() {
+            // SAFETY: a table we handed out before and got back; no one uses it.
+            unsafe { std::ptr::write_bytes(t, 0, 1) };
+            return t;
+        }
+        let size = std::mem::size_of::<PteTable>();
+        if a.next + size > a.end {
+            // SAFETY: a fresh private anonymous mapping, zero-filled.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    ARENA_CHUNK,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                std::alloc::handle_alloc_error(std::alloc::Layout::new::<PteTable>());
+            }
+            unsafe { libc::madvise(p, ARENA_CHUNK, libc::MADV_HUGEPAGE) };
+            a.chunks.push((p as *mut u8, ARENA_CHUNK));
+            a.next = p as usize;
+            a.end = p as usize + ARENA_CHUNK;
+        }
+        let t = a.next as *mut PteTable;
+        a.next += size;
+        t
+    }
+
+    fn free(&self, t: *mut PteTable) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).free.push(t);
+    }
+}
+
+impl Drop for PteArena {
+    fn drop(&mut self) {
+        for &(p, len) in &self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).chunks {
+            unsafe { libc::munmap(p as *mut libc::c_void, len) };
+        }
+    }
+}
+
+impl PteTable {
 
     /// `ptep_get_lockless()`.
     #[inline(always)]
@@ -128,6 +191,7 @@ impl Table {
 /// The mm's page table: the PGD and the mm-wide `page_table_lock`.
 pub struct PageTable {
     pgd: Box<Table>,
+    arena: PteArena,
     pub page_table_lock: SpinLock,
     /// `mm->pgtables_bytes / PAGE_SIZE` for PTE tables (`nr_ptes`).
     pub nr_ptes: AtomicU64,
@@ -142,6 +206,7 @@ impl Default for PageTable {
     fn default() -> Self {
         PageTable {
             pgd: Table::new(),
+            arena: PteArena::new(),
             page_table_lock: SpinLock::new(()),
             nr_ptes: AtomicU64::new(0),
             nr_dirs: AtomicU64::new(0),
@@ -209,12 +274,12 @@ impl PageTable {
         if v != 0 {
             return !pmd_huge(v);
         }
-        let new = Box::into_raw(PteTable::new()) as u64;
+        let new = self.arena.alloc() as u64;
         let _g = self.page_table_lock.lock(lc);
         let cur = pmd.load(Acquire);
         if cur != 0 {
             // Another CPU installed one first: free ours.
-            drop(unsafe { Box::from_raw(new as *mut PteTable) });
+            self.arena.free(new as *mut PteTable);
             return !pmd_huge(cur);
         }
         pmd.store(new, Release);
@@ -226,11 +291,12 @@ impl PageTable {
     /// PMD mapping. The caller holds `page_table_lock` and the mmap lock for
     /// write (`__split_huge_pmd` under the PMD lock).
     pub fn install_split_table(&self, pmd: &AtomicU64, fill: impl Fn(usize) -> u64) {
-        let t = PteTable::new();
-        for (i, e) in t.ptes.iter().enumerate() {
+        let t = self.arena.alloc();
+        // SAFETY: a fresh table nobody else can see yet.
+        for (i, e) in unsafe { &*t }.ptes.iter().enumerate() {
             e.store(fill(i), Relaxed);
         }
-        pmd.store(Box::into_raw(t) as u64, Release);
+        pmd.store(t as u64, Release);
         self.nr_ptes.fetch_add(1, Relaxed);
     }
 
@@ -247,7 +313,7 @@ impl PageTable {
     pub fn free_pte_table(&self, pmd: &AtomicU64) {
         let v = pmd.swap(0, AcqRel);
         if v != 0 && !pmd_huge(v) {
-            drop(unsafe { Box::from_raw(v as *mut PteTable) });
+            self.arena.free(v as *mut PteTable);
             self.nr_ptes.fetch_sub(1, Relaxed);
         }
     }
@@ -309,13 +375,8 @@ impl Drop for PageTable {
                 if pmdt == 0 {
                     continue;
                 }
-                let pmdt = unsafe { Box::from_raw(pmdt as *mut Table) };
-                for pmd in pmdt.e.iter() {
-                    let v = pmd.load(Relaxed);
-                    if v != 0 && !pmd_huge(v) {
-                        drop(unsafe { Box::from_raw(v as *mut PteTable) });
-                    }
-                }
+                // PTE tables go with the arena.
+                drop(unsafe { Box::from_raw(pmdt as *mut Table) });
             }
         }
     }
