@@ -112,10 +112,8 @@ impl MemMap {
                 0,
             )
         };
-        if p != libc::MAP_FAILED {
-            // Host huge pages: one host fault per 2 MiB of map, not per 4 KiB.
-            unsafe { libc::madvise(p, bytes.max(1), libc::MADV_HUGEPAGE) };
-        }
+        // No MADV_HUGEPAGE here: host huge pages for the map made runs
+        // erratic (compaction stalls) and slower at the median.
         if p == libc::MAP_FAILED {
             return Err(Error::Config(format!(
                 "cannot reserve a memory map for {len} simulated pages ({bytes} bytes of host address space)"
