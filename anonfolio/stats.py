@@ -311,6 +311,12 @@ class Stats(Mapping[str, Any]):
                 lines.append(
                     f"  {name:<28}{c['acquisitions']:>16,}{c['contended']:>14,}{c['spins']:>14,}"
                 )
+        per_cpu = self._d.get("per_cpu_faults")
+        if per_cpu and len(per_cpu) > 1:
+            # Fairness next to contention: how evenly the CPUs got their faults done.
+            lines.append("")
+            lines.append(f"{'faults per CPU':<30}{' '.join(f'{int(n):,}' for n in per_cpu):>16}")
+            lines.append(f"{'fairness (Jain)':<30}{float(self._d.get('fairness', 1.0)):>16.3f}")
         return "\n".join(lines)
 
     def __sub__(self, other: Stats) -> Stats:
