@@ -261,22 +261,25 @@ impl MmInner {
                     // calc_anon_folio_order_alloc(): every order from the
                     // largest enabled one down to 2, then 0; never 1.
                     let mut order = highest_order(orders);
-                    let idx = pte_index(addr);
-                    let mut first_set = usize::MAX;
+                    // Index of the first populated PTE found so far.
+                    let mut first_set: Option<usize> = None;
                     while order > 1 {
                         let nr = 1usize << order;
                         let a = align_down(addr, PAGE_SIZE << order);
+                        let i = pte_index(a);
                         if a >= vma.start && a + (PAGE_SIZE << order) <= vma.end {
-                            let i = pte_index(a);
-                            if first_set != usize::MAX && i + nr <= first_set && idx < first_set {
-                                break;
-                            }
-                            if first_set == usize::MAX || i > first_set || i + nr > first_set {
-                                let f = t.first_set(i, nr);
-                                if f == i + nr {
-                                    break;
+                            match first_set {
+                                // PTEs covered by this order are known to be none.
+                                Some(f) if i + nr <= f => break,
+                                // A populated PTE is known to be in this range.
+                                Some(f) if i <= f => {}
+                                _ => {
+                                    let f = t.first_set(i, nr);
+                                    if f == i + nr {
+                                        break;
+                                    }
+                                    first_set = Some(f);
                                 }
-                                first_set = f;
                             }
                         }
                         order -= 1;

@@ -159,3 +159,35 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::config::{Config, Policy};
+    use crate::trace::parse;
+
+    /// Page 5 populated, then a write to page 0 with only 64kB enabled.
+    fn folio_orders(policy: Policy) -> [u64; 10] {
+        let mut c = Config::default();
+        c.policy = policy;
+        c.set_size_mode("64kB=always").unwrap();
+        c.set_size_mode("2048kB=never").unwrap();
+        c.memory.phys_bytes = 64 << 20;
+        c.check_invariants = true;
+        let mm = Mm::new(c).unwrap();
+        let t = "mmap 0x7f0000000000 0x200000 nohugepage\nw 0x7f0000005000\nmadvise 0x7f0000000000 0x200000 hugepage\nw 0x7f0000000000\n";
+        let r = replay(&mm, &parse(t).unwrap(), &RunOptions { threads: 1, check_invariants: true, ..Default::default() });
+        assert!(r.error.is_none(), "{:?}", r.error);
+        r.stats.folio_orders
+    }
+
+    #[test]
+    fn each_policy_picks_its_order_around_a_populated_pte() {
+        // upstream: the 64 KiB range is not empty and no other size is on: order 0.
+        assert_eq!(folio_orders(Policy::Upstream)[..5], [2, 0, 0, 0, 0]);
+        // v1: every order down to 2; 0..3 is empty: a 16 KiB folio.
+        assert_eq!(folio_orders(Policy::V1)[..5], [1, 0, 1, 0, 0]);
+        // preferred: 64 KiB or nothing: order 0.
+        assert_eq!(folio_orders(Policy::Preferred)[..5], [2, 0, 0, 0, 0]);
+    }
+}
