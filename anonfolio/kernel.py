@@ -327,6 +327,16 @@ def _fail(msg: str, status: int) -> int:
     return status
 
 
+def _fail_on(e: Exception) -> int:
+    """Reports what stopped a command: bad input (status 2), a missing
+    native extension or an OS error (status 1)."""
+    if isinstance(e, _BadInput):
+        return _fail(str(e), 2)
+    if isinstance(e, ImportError):
+        return _fail(f"the native extension is not built: {e}", 1)
+    return _fail(str(e).splitlines()[0] if str(e) else repr(e), 1)
+
+
 def _read_trace(path: str) -> str:
     try:
         if path == "-":
@@ -370,12 +380,8 @@ def cmd_kernel_replay(args) -> int:
         text = _read_trace(args.trace)
         _settings_from_args(args)
         result = _run_kernel(text, args)
-    except _BadInput as e:
-        return _fail(str(e), 2)
-    except ImportError as e:
-        return _fail(f"the native extension is not built: {e}", 1)
-    except OSError as e:
-        return _fail(str(e).splitlines()[0] if str(e) else repr(e), 1)
+    except (_BadInput, ImportError, OSError) as e:
+        return _fail_on(e)
     if args.json:
         print(json.dumps(result))
     else:
@@ -443,12 +449,8 @@ def cmd_validate(args) -> int:
         settings = _settings_from_args(args)
         sim = _run_simulator(args, settings, text)
         kern = _run_kernel(text, args)
-    except _BadInput as e:
-        return _fail(str(e), 2)
-    except ImportError as e:
-        return _fail(f"the native extension is not built: {e}", 1)
-    except OSError as e:
-        return _fail(str(e).splitlines()[0] if str(e) else repr(e), 1)
+    except (_BadInput, ImportError, OSError) as e:
+        return _fail_on(e)
     rows = compare(sim, kern)
     ok = all(r[3] for r in rows)
     if args.json:

@@ -97,6 +97,21 @@ def _ordered(values: Any) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def _grid(rows: Sequence[Mapping[str, Any]], row: Optional[str], col: Optional[str]) -> tuple[list[Any], list[Any]]:
+    """The ``row`` and ``col`` values of a grid of panels (``[None]`` for none)."""
+    return (_ordered(r[row] for r in rows) if row else [None],
+            _ordered(r[col] for r in rows) if col else [None])
+
+
+def _panel(ax: Any, rows: Sequence[Mapping[str, Any]], row: Optional[str], rv: Any,
+           col: Optional[str], cv: Any) -> list[Mapping[str, Any]]:
+    """Titles the panel ``rv / cv`` and returns its rows."""
+    label = " / ".join(str(v) for v in (rv, cv) if v is not None)
+    if label:
+        ax.set_title(label, fontsize=9)
+    return [r for r in rows if (row is None or r[row] == rv) and (col is None or r[col] == cv)]
+
+
 def grid_plot(
     rows: Sequence[Mapping[str, Any]],
     *,
@@ -117,15 +132,14 @@ def grid_plot(
     ``<y>_max`` the line gets an error band from min to max (e.g. over
     seeds). ``sharey``: True (all panels), "row", or False."""
     plt = _plt()
-    rvals = _ordered(r[row] for r in rows) if row else [None]
-    cvals = _ordered(r[col] for r in rows) if col else [None]
+    rvals, cvals = _grid(rows, row, col)
     fig, axes = plt.subplots(len(rvals), len(cvals), figsize=(3.9 * len(cvals) + 0.6, 2.9 * len(rvals) + 0.9),
                              squeeze=False, sharey=sharey, sharex=True)
     hues = _ordered(r[hue] for r in rows)
     for i, rv in enumerate(rvals):
         for j, cv in enumerate(cvals):
             ax = axes[i][j]
-            sub = [r for r in rows if (row is None or r[row] == rv) and (col is None or r[col] == cv)]
+            sub = _panel(ax, rows, row, rv, col, cv)
             for k, h in enumerate(hues):
                 pts = sorted((r[x], r[y], r.get(y + "_min", ""), r.get(y + "_max", "")) for r in sub
                              if r[hue] == h and r[y] != "")
@@ -141,9 +155,6 @@ def grid_plot(
             xs = sorted({r[x] for r in sub})
             if xs and all(isinstance(v, (int, np.integer)) for v in xs):
                 ax.set_xticks(xs)
-            label = " / ".join(str(v) for v in (rv, cv) if v is not None)
-            if label:
-                ax.set_title(label, fontsize=9)
             ax.grid(True, alpha=0.3)
             if i == len(rvals) - 1:
                 ax.set_xlabel(xlabel or x)
@@ -170,8 +181,7 @@ def bar_grid(
     panels; each panel has its own y scale and is titled ``row / col``.
     ``<y>_min``/``<y>_max`` give error bars when present."""
     plt = _plt()
-    rvals = _ordered(r[row] for r in rows) if row else [None]
-    cvals = _ordered(r[col] for r in rows) if col else [None]
+    rvals, cvals = _grid(rows, row, col)
     xcats = _ordered(r[x] for r in rows)
     hues = _ordered(r[hue] for r in rows)
     fig, axes = plt.subplots(len(rvals), len(cvals), figsize=(max(4.5, 0.55 * len(xcats) * len(hues)) * len(cvals) / 1.6 + 1,
@@ -180,7 +190,7 @@ def bar_grid(
     for i, rv in enumerate(rvals):
         for j, cv in enumerate(cvals):
             ax = axes[i][j]
-            sub = [r for r in rows if (row is None or r[row] == rv) and (col is None or r[col] == cv)]
+            sub = _panel(ax, rows, row, rv, col, cv)
             for k, h in enumerate(hues):
                 vals, lo, hi = [], [], []
                 for xc in xcats:
@@ -194,9 +204,6 @@ def bar_grid(
                        error_kw={"linewidth": 0.8})
             ax.set_xticks(np.arange(len(xcats)))
             ax.set_xticklabels([str(c) for c in xcats], fontsize=7)
-            label = " / ".join(str(v) for v in (rv, cv) if v is not None)
-            if label:
-                ax.set_title(label, fontsize=9)
             ax.grid(True, axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if title:

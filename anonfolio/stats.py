@@ -30,13 +30,15 @@ _MTHP_COUNTERS: tuple[str, ...] = tuple(_anonfolio.MTHP_COUNTERS)
 _NORDERS = _anonfolio.MAX_PAGE_ORDER
 
 
-class Counters(Mapping[str, int]):
-    """A read-only group of named counters with attribute access."""
+class _ReadOnlyView(Mapping[str, Any]):
+    """A read-only mapping over the dict ``_d`` whose keys are also
+    attributes. Subclasses word the errors: :meth:`_no_attr` for a missing
+    name and ``_READ_ONLY`` for an attempt to set one."""
 
     __slots__ = ("_d",)
 
-    def __init__(self, d: Mapping[str, Any]):
-        object.__setattr__(self, "_d", dict(d))
+    _d: dict[str, Any]
+    _READ_ONLY = "read-only"
 
     def __getitem__(self, key: str) -> Any:
         return self._d[key]
@@ -53,13 +55,30 @@ class Counters(Mapping[str, int]):
         try:
             return self._d[name]
         except KeyError:
-            raise AttributeError(f"no counter {name!r} (have: {', '.join(self._d)})") from None
+            raise AttributeError(self._no_attr(name)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("statistics are read-only")
+        raise AttributeError(self._READ_ONLY)
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(self._d))
+
+    def _no_attr(self, name: str) -> str:
+        return f"no {name!r}"
+
+
+class Counters(_ReadOnlyView):
+    """A read-only group of named counters with attribute access."""
+
+    __slots__ = ()
+
+    _READ_ONLY = "statistics are read-only"
+
+    def __init__(self, d: Mapping[str, Any]):
+        object.__setattr__(self, "_d", dict(d))
+
+    def _no_attr(self, name: str) -> str:
+        return f"no counter {name!r} (have: {', '.join(self._d)})"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._d.items())})"
@@ -115,7 +134,7 @@ class MthpTable(Mapping[str, Counters]):
         return {k: dict(v) for k, v in self._d.items()}
 
 
-class Stats(Mapping[str, Any]):
+class Stats(_ReadOnlyView):
     """The figures of a run or of a simulator's whole life.
 
     Build one from the dict that ``Simulator.stats()`` / ``replay()`` /
@@ -124,9 +143,8 @@ class Stats(Mapping[str, Any]):
     (:func:`anonfolio.sweep` fills it in).
     """
 
-    __slots__ = ("_d", "params")
+    __slots__ = ("params",)
 
-    _d: dict[str, Any]
     params: dict[str, Any]
 
     def __init__(self, data: Mapping[str, Any], params: Optional[Mapping[str, Any]] = None):
@@ -143,29 +161,10 @@ class Stats(Mapping[str, Any]):
         object.__setattr__(self, "_d", d)
         object.__setattr__(self, "params", dict(params or {}))
 
-    # Mapping
-    def __getitem__(self, key: str) -> Any:
-        return self._d[key]
+    _READ_ONLY = "Stats are read-only"
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._d)
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        try:
-            return self._d[name]
-        except KeyError:
-            raise AttributeError(f"Stats has no {name!r}") from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Stats are read-only")
-
-    def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(self._d))
+    def _no_attr(self, name: str) -> str:
+        return f"Stats has no {name!r}"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Stats):
