@@ -113,6 +113,8 @@ pub struct MmInner {
     pub cfg: Config,
     /// `cfg.on_race()`, resolved once.
     pub on_race: crate::config::OnRace,
+    /// `ANONFOLIO_DEBUG_VM`: check the invariants after every run.
+    pub debug_vm: bool,
     pub pt: PageTable,
     pub alloc: PageAlloc,
     pub memcg: MemCg,
@@ -143,7 +145,11 @@ impl std::ops::Deref for Mm {
 }
 
 impl Mm {
+    /// A new, empty mm. With `ANONFOLIO_DEBUG_VM` set in the environment
+    /// (as the test suites set it) every run ends with the invariant check,
+    /// whatever the configuration says: the simulator's CONFIG_DEBUG_VM.
     pub fn new(cfg: Config) -> Result<Mm> {
+        let debug_vm = std::env::var_os("ANONFOLIO_DEBUG_VM").is_some_and(|v| !v.is_empty() && v != "0");
         let m = &cfg.memory;
         if !(0.0..=1.0).contains(&m.fail_rate) {
             return Err(Error::Config(format!("fail rate {} is outside 0..1", m.fail_rate)));
@@ -163,6 +169,7 @@ impl Mm {
                 huge_zero_used: AtomicBool::new(false),
                 orphan: Arc::new(PerCpu::default()),
                 on_race: cfg.on_race(),
+                debug_vm,
                 cfg,
             }),
         })
@@ -565,5 +572,53 @@ impl MmInner {
                 self.pt.free_pte_table(pmd);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page_alloc::MAPCOUNT_MASK;
+
+    fn mm_with_a_64k_folio() -> (Mm, u64) {
+        let mut c = Config::default();
+        c.set_size_mode("64kB=always").unwrap();
+        c.memory.phys_bytes = 64 << 20;
+        let mm = Mm::new(c).unwrap();
+        let mut cpu = mm.cpu(0);
+        mm.mmap(&mut cpu, 0x7f00_0000_0000, 0x20_0000, MmapFlags::default()).unwrap();
+        mm.access(&mut cpu, 0x7f00_0000_0000, true).unwrap();
+        drop(cpu);
+        let pmd = mm.pt.pmd_offset(0x7f00_0000_0000).unwrap().load(Relaxed);
+        let pfn = pte_pfn(PageTable::pte_table(pmd).get(0));
+        (mm, pfn)
+    }
+
+    #[test]
+    fn the_checker_passes_a_sound_mm_and_catches_corruption() {
+        let (mm, pfn) = mm_with_a_64k_folio();
+        mm.check_invariants().unwrap();
+        // A mapcount that disagrees with the PTEs.
+        let p = mm.alloc.page(pfn);
+        let info = p.info();
+        p.set_info((info & !MAPCOUNT_MASK) | 15);
+        assert!(mm.check_invariants().unwrap_err().contains("mapcount"));
+        p.set_info(info);
+        // A refcount that does.
+        p.count.store(3, Relaxed);
+        assert!(mm.check_invariants().unwrap_err().contains("refcount"));
+        p.count.store(16, Relaxed);
+        mm.check_invariants().unwrap();
+        // A page mapped twice.
+        let pmd = mm.pt.pmd_offset(0x7f00_0000_0000).unwrap().load(Relaxed);
+        let t = PageTable::pte_table(pmd);
+        let pte = t.get(0);
+        t.ptes[100].store(pte, Relaxed);
+        assert!(mm.check_invariants().unwrap_err().contains("mapped twice"));
+        t.ptes[100].store(0, Relaxed);
+        // A folio nobody maps: leaked.
+        let leak = mm.alloc.page(pfn + 64);
+        leak.set_info(PG_HEAD);
+        assert!(mm.check_invariants().unwrap_err().contains("leaked"));
     }
 }

@@ -62,7 +62,7 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
 pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut error: Option<Error>, check: bool) -> RunResult {
     let per_cpu_faults = cpus.iter().map(|c| c.c().vm.pgfault.get()).collect();
     drop(cpus);
-    if check && error.is_none() {
+    if (check || mm.debug_vm) && error.is_none() {
         if let Err(e) = mm.check_invariants() {
             error = Some(Error::Invariant(e));
         }
