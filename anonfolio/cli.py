@@ -127,6 +127,9 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
                    help="fault path: upstream (default; Linux 6.8..6.18), v1 (the seed patch) or preferred")
     g.add_argument("--on-race", choices=("refault", "retry-lower"), metavar="HOW",
                    help="after a lost race: refault (upstream, preferred) or retry-lower (v1); default: the policy's own")
+    g.add_argument("--preempt", type=_fraction, metavar="P",
+                   help="with --deterministic: probability of switching CPUs at each race point (default 0.5; "
+                   "higher widens the race windows)")
     g.add_argument("--no-zero-page", action="store_true", help="use_zero_page=0: no huge zero page (a read fault in a THP-eligible range allocates)")
     m = p.add_argument_group("simulated machine")
     m.add_argument("--memory", type=_bytes, metavar="BYTES", help="physical memory (default 4T)")
@@ -159,6 +162,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         fields["check_invariants"] = True
     if getattr(args, "on_race", None):
         fields["on_race"] = args.on_race
+    if getattr(args, "preempt", None) is not None:
+        fields["preempt"] = args.preempt
     return Config.from_args(args, **fields)
 
 

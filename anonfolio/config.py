@@ -55,6 +55,10 @@ class Config:
             folio, fault again) or ``retry-lower`` (v1: retry one order lower
             in the same fault while the faulting PTE is still none); None is
             the policy's own (v1 retries, the others refault).
+        preempt: deterministic mode only: the probability 0..1 of switching to
+            another CPU at each point where the fault path can be overtaken
+            (after the lockless estimate, after allocation, before the PTL,
+            between operations). Higher widens the race windows.
         memory: simulated physical memory, bytes or a string such as ``"64G"``.
         memcg_limit: memcg ``memory.max`` in bytes (or ``"512M"``); None for no limit.
         fragmentation: fraction 0..1 of pageblocks to pin before the run.
@@ -72,6 +76,7 @@ class Config:
     use_zero_page: bool = True
     policy: str = "upstream"
     on_race: Optional[str] = None
+    preempt: float = 0.5
     memory: Bytes = "4T"
     memcg_limit: Optional[Bytes] = None
     fragmentation: float = 0.0

@@ -632,3 +632,20 @@ def test_docstring_examples(module):
 
     r = doctest.testmod(importlib.import_module(module))
     assert r.failed == 0
+
+
+def test_preempt_widens_the_race_window():
+    """Deterministic mode: no switches, no races; more switches, more races;
+    and the same seed gives the same figures."""
+    races = []
+    for p in (0.0, 0.2, 0.9):
+        cfg = Config(hugepages={"64kB": "always", "2048kB": "never"}, preempt=p)
+        runs = [anonfolio.run("sequential", size="8M", config=cfg, threads=4, sharing="interleaved", deterministic=5)
+                for _ in range(2)]
+        assert runs[0].races == runs[1].races and runs[0].faults == runs[1].faults
+        assert runs[0].rss_bytes == 8 << 20
+        races.append(runs[0].races["races"])
+    assert races[0] == 0
+    assert races[0] < races[1] < races[2]
+    with pytest.raises(anonfolio.ConfigError):
+        Config(preempt=1.5)

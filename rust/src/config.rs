@@ -208,6 +208,10 @@ pub struct Config {
     pub policy: Policy,
     /// Race handling; `None` is the policy's own.
     pub on_race: Option<OnRace>,
+    /// Deterministic mode: the probability of switching to another CPU at
+    /// each point where the fault path can be overtaken. Higher widens the
+    /// race windows; 0 runs each CPU until it blocks or finishes.
+    pub preempt: f64,
     pub memory: MemoryConfig,
     /// Check the invariants (mapcounts, conservation of pages) after a run.
     pub check_invariants: bool,
@@ -225,6 +229,7 @@ impl Default for Config {
             use_zero_page: true,
             policy: Policy::Upstream,
             on_race: None,
+            preempt: 0.5,
             memory: MemoryConfig::default(),
             check_invariants: false,
         }

@@ -151,6 +151,9 @@ impl Mm {
     pub fn new(cfg: Config) -> Result<Mm> {
         let debug_vm = std::env::var_os("ANONFOLIO_DEBUG_VM").is_some_and(|v| !v.is_empty() && v != "0");
         let m = &cfg.memory;
+        if !(0.0..=1.0).contains(&cfg.preempt) {
+            return Err(Error::Config(format!("preempt probability {} is outside 0..1", cfg.preempt)));
+        }
         if !(0.0..=1.0).contains(&m.fail_rate) {
             return Err(Error::Config(format!("fail rate {} is outside 0..1", m.fail_rate)));
         }

@@ -316,7 +316,7 @@ where
     F: Fn(usize, &mut Cpu) -> JobResult + Sync,
 {
     let n = cpus.len();
-    let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, DEFAULT_SWITCH_PROB));
+    let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, mm.config().preempt));
     if let Some(s) = &sched {
         for (i, cpu) in cpus.iter_mut().enumerate() {
             cpu.sched = Some(s.hook(i));
@@ -363,9 +363,6 @@ where
     }
     finish(mm, cpus, elapsed, done, err, opts.check_invariants)
 }
-
-/// How often a deterministic run switches CPUs at a fault-path point.
-pub const DEFAULT_SWITCH_PROB: f64 = 0.5;
 
 pub(crate) fn run_parallel_workload(mm: &Mm, w: &Workload, perm: Option<&PermutationRef>, threads: usize, opts: &RunOptions) -> RunResult {
     let mut cpus: Vec<Cpu> = (0..threads).map(|i| mm.cpu(i)).collect();

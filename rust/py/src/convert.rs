@@ -18,6 +18,7 @@ pub const CONFIG_FIELDS: &[&str] = &[
     "use_zero_page",
     "policy",
     "on_race",
+    "preempt",
     "memory",
     "memcg_limit",
     "fragmentation",
@@ -122,6 +123,7 @@ fn apply_field(py: Python<'_>, cfg: &mut Config, key: &str, v: &Bound<'_, PyAny>
         }
         "use_zero_page" => cfg.use_zero_page = bool_arg(py, key, v)?,
         "policy" => cfg.policy = Policy::parse(&str_arg(py, key, v)?).py_err(py)?,
+        "preempt" => cfg.preempt = fraction_arg(py, key, v)?,
         "on_race" => {
             cfg.on_race = if v.is_none() { None } else { Some(anonfolio::OnRace::parse(&str_arg(py, key, v)?).py_err(py)?) }
         }
@@ -233,6 +235,7 @@ pub fn config_to_py<'py>(py: Python<'py>, cfg: &Config) -> PyResult<Bound<'py, P
     d.set_item("use_zero_page", cfg.use_zero_page)?;
     d.set_item("policy", cfg.policy.name())?;
     d.set_item("on_race", cfg.on_race.map(|r| r.name()))?;
+    d.set_item("preempt", cfg.preempt)?;
     d.set_item("memory", cfg.memory.phys_bytes)?;
     d.set_item("memcg_limit", cfg.memory.memcg_limit_bytes)?;
     d.set_item("fragmentation", cfg.memory.fragmentation)?;
