@@ -137,7 +137,7 @@ impl MmInner {
                 return Ok(Fault::Done);
             }
             // do_huge_pmd_wp_page() on the huge zero page.
-            if let Some(r) = self.do_huge_zero_wp_pmd(cpu, pmd, addr)? {
+            if let Some(r) = self.do_huge_zero_wp_pmd(cpu, pmd) {
                 return Ok(r);
             }
             self.split_huge_zero_pmd(cpu, pmd);
@@ -458,34 +458,37 @@ impl MmInner {
             cpu.c().fault.huge_zero_page.inc();
             return Ok(Some(Fault::Done));
         }
-        let Some(pfn) = self.alloc_anon_folio_pmd(cpu) else { return Ok(None) };
+        let r = self.map_new_pmd_folio(cpu, pmd, 0);
+        if r == Some(Fault::Done) {
+            cpu.c().fault.pmd_thp.inc();
+        }
+        Ok(r)
+    }
+
+    /// Allocates a charged PMD-order folio and maps it if the PMD still holds
+    /// `expected` under `page_table_lock`, else drops it (a lost race).
+    /// `None` is VM_FAULT_FALLBACK: no folio could be had.
+    fn map_new_pmd_folio(&self, cpu: &mut Cpu, pmd: &AtomicU64, expected: u64) -> Option<Fault> {
+        let pfn = self.alloc_anon_folio_pmd(cpu)?;
         cpu.preempt(Point::AfterAlloc);
         let g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
-        if pmd.load(Acquire) != 0 {
+        if pmd.load(Acquire) != expected {
             drop(g);
             self.waste_folio(cpu, pfn, PMD_ORDER);
-            return Ok(Some(Fault::Retry));
+            return Some(Fault::Retry);
         }
         self.map_anon_folio_pmd(cpu, pmd, pfn);
-        drop(g);
-        cpu.c().fault.pmd_thp.inc();
-        Ok(Some(Fault::Done))
+        Some(Fault::Done)
     }
 
     /// `do_huge_zero_wp_pmd()`: a write to the huge zero page gets a THP.
     /// `None` is VM_FAULT_FALLBACK (split the PMD, then the PTE path).
-    fn do_huge_zero_wp_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64, _addr: u64) -> VmResult<Option<Fault>> {
-        let Some(pfn) = self.alloc_anon_folio_pmd(cpu) else { return Ok(None) };
-        let g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
-        if pmd.load(Acquire) != HUGE_ZERO_PMD {
-            drop(g);
-            self.waste_folio(cpu, pfn, PMD_ORDER);
-            return Ok(Some(Fault::Retry));
+    fn do_huge_zero_wp_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64) -> Option<Fault> {
+        let r = self.map_new_pmd_folio(cpu, pmd, HUGE_ZERO_PMD);
+        if r == Some(Fault::Done) {
+            cpu.c().fault.huge_zero_wp.inc();
         }
-        self.map_anon_folio_pmd(cpu, pmd, pfn);
-        drop(g);
-        cpu.c().fault.huge_zero_wp.inc();
-        Ok(Some(Fault::Done))
+        r
     }
 
     /// `__split_huge_pmd()` of the huge zero page: 512 zero-page PTEs.
