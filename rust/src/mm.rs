@@ -235,14 +235,14 @@ impl Mm {
         check_range(addr, len, 0)?;
         self.with_write_lock(cpu, |mm, cpu| {
             let end = addr + len;
-            let gone = mm.vmas_mut().munmap(addr, end);
+            let (gone, extent) = mm.vmas_mut().munmap(addr, end);
             for v in &gone {
                 mm.zap_page_range(cpu, v.start, v.end, false);
             }
-            if let (Some(first), Some(last)) = (gone.first(), gone.last()) {
-                let floor = mm.vma_tree().prev_end(first.start);
-                let ceiling = mm.vma_tree().next_start(last.end);
-                mm.free_pgtables(first.start, last.end, floor, ceiling);
+            if let Some((start, end)) = extent {
+                let floor = mm.vma_tree().prev_end(start);
+                let ceiling = mm.vma_tree().next_start(end);
+                mm.free_pgtables(start, end, floor, ceiling);
             }
             Ok(())
         })
@@ -263,11 +263,36 @@ impl Mm {
                     }
                 }
                 _ => {
+                    // vma_adjust_trans_huge(): a VMA split inside a PMD-mapped
+                    // range splits the PMD mapping first.
+                    for b in [addr, end] {
+                        if b % crate::PMD_SIZE != 0 && !mm.vma_tree().is_boundary(b) {
+                            let v = mm.vma_tree().lookup(b).expect("inside a VMA");
+                            let wants = match advice {
+                                Advice::HugePage => !v.flags.hugepage || v.flags.nohugepage,
+                                _ => v.flags.hugepage || !v.flags.nohugepage,
+                            };
+                            if wants {
+                                mm.split_huge_pmd_address(cpu, b);
+                            }
+                        }
+                    }
                     mm.vmas_mut().madvise_flags(addr, end, advice, |f: VmFlags| {
                         cfg.allowable_orders(f.hugepage, f.nohugepage)
                     });
                 }
             }
+            Ok(())
+        })
+    }
+
+    /// Covers the unmapped parts of `[start, end)` with a PROT_NONE
+    /// reservation, as the kernel oracle places a trace so that nothing else
+    /// merges with it; its pieces bound `free_pgtables()` on munmap.
+    pub fn reserve(&self, cpu: &mut Cpu, start: u64, end: u64) -> Result<()> {
+        check_range(start, end.saturating_sub(start), 0)?;
+        self.with_write_lock(cpu, |mm, _| {
+            mm.vmas_mut().reserve(start, end);
             Ok(())
         })
     }
@@ -563,6 +588,15 @@ impl MmInner {
             self.read_lock(cpu);
         }
         r
+    }
+
+    /// `split_huge_pmd_address()`: if a huge PMD maps `addr`, split it.
+    fn split_huge_pmd_address(&self, cpu: &Cpu, addr: u64) {
+        if let Some(pmd) = self.pt.pmd_offset(addr) {
+            if pmd_huge(pmd.load(Acquire)) {
+                self.split_huge_pmd(cpu, pmd);
+            }
+        }
     }
 
     /// `free_pgtables()`/`free_pgd_range()`: frees the PTE tables of the PMD

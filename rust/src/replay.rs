@@ -4,7 +4,8 @@
 use crate::error::Error;
 use crate::mm::{Cpu, Mm};
 use crate::stats::Stats;
-use crate::trace::{Op, OpKind};
+use crate::trace::{Op, OpKind, TASK_SIZE};
+use crate::PMD_SIZE;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
@@ -70,8 +71,32 @@ pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut
     RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults }
 }
 
+/// The PROT_NONE reservation a trace is placed in (as the kernel oracle
+/// places it): its mmaps' span rounded out to 2 MiB, plus 2 MiB each side.
+pub fn trace_span(ops: &[Op]) -> Option<(u64, u64)> {
+    let (lo, hi) = ops.iter().fold((u64::MAX, 0), |(lo, hi), o| match o.kind {
+        OpKind::Mmap { addr, len, .. } => (lo.min(addr), hi.max(addr + len)),
+        _ => (lo, hi),
+    });
+    if lo >= hi {
+        return None;
+    }
+    let lo = (lo & !(PMD_SIZE - 1)).saturating_sub(PMD_SIZE);
+    let hi = (hi.next_multiple_of(PMD_SIZE) + PMD_SIZE).min(TASK_SIZE);
+    Some((lo, hi))
+}
+
 /// Replays a parsed trace. Each `@T` thread runs its own lines in order.
+/// The trace runs inside a PROT_NONE reservation ([`trace_span`]), as on
+/// the kernel oracle, so that page tables are freed on munmap exactly when
+/// the kernel frees them there.
 pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
+    if let Some((lo, hi)) = trace_span(ops) {
+        let mut cpu = mm.cpu(0);
+        if let Err(e) = mm.reserve(&mut cpu, lo, hi) {
+            return finish(mm, vec![cpu], 0.0, 0, Some(e), false);
+        }
+    }
     let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
     if opts.threads > 1 || opts.deterministic.is_some() {
         return crate::workload::run_parallel_ops(mm, ops, nthreads, opts);

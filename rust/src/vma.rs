@@ -63,6 +63,10 @@ pub struct VmaTree {
     map: BTreeMap<u64, Arc<Vma>>,
     /// Bumped by every change, so per-CPU lookup caches know to refresh.
     pub seq: u64,
+    /// PROT_NONE reservation pieces (start -> end), as the kernel oracle
+    /// places a trace: not accessible, never merged, but they are the
+    /// neighbours that bound `free_pgtables()`.
+    reserved: BTreeMap<u64, u64>,
 }
 
 fn compatible(a: &Vma, b: &Vma) -> bool {
@@ -99,14 +103,68 @@ impl VmaTree {
         self.map.range(..end).next_back().is_some_and(|(_, v)| v.end > start)
     }
 
-    /// The end of the VMA below `addr` (the `floor` of `free_pgtables`), 0 if none.
+    /// The end of the VMA (or reservation) below `addr` (the `floor` of
+    /// `free_pgtables`), 0 if none.
     pub fn prev_end(&self, addr: u64) -> u64 {
-        self.map.range(..addr).next_back().map_or(0, |(_, v)| v.end.min(addr))
+        let v = self.map.range(..addr).next_back().map_or(0, |(_, v)| v.end.min(addr));
+        let r = self.reserved.range(..addr).next_back().map_or(0, |(_, &e)| e.min(addr));
+        v.max(r)
     }
 
-    /// The start of the first VMA at or above `addr` (the `ceiling`), 0 if none.
+    /// The start of the first VMA (or reservation) at or above `addr` (the
+    /// `ceiling`), 0 if none.
     pub fn next_start(&self, addr: u64) -> u64 {
-        self.map.range(addr..).next().map_or(0, |(_, v)| v.start)
+        let v = self.map.range(addr..).next().map(|(_, v)| v.start);
+        let r = self.reserved.range(addr..).next().map(|(&s, _)| s);
+        match (v, r) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(0),
+        }
+    }
+
+    /// Covers the unmapped parts of `[start, end)` with a PROT_NONE
+    /// reservation.
+    pub fn reserve(&mut self, start: u64, end: u64) {
+        let mut a = start;
+        for (s, e) in self.pieces(start, end) {
+            if a < s {
+                self.reserved.insert(a, s);
+            }
+            a = e;
+        }
+        if a < end {
+            self.reserved.insert(a, end);
+        }
+    }
+
+    /// Removes `[start, end)` from the reservation (mmap over it, or munmap);
+    /// returns the extent of what it removed.
+    fn unreserve(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
+        let hit: Vec<(u64, u64)> = self
+            .reserved
+            .range(..end)
+            .filter(|(_, &e)| e > start)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        let mut extent: Option<(u64, u64)> = None;
+        for (s, e) in hit {
+            self.reserved.remove(&s);
+            if s < start {
+                self.reserved.insert(s, start);
+            }
+            if e > end {
+                self.reserved.insert(end, e);
+            }
+            let (a, b) = (s.max(start), e.min(end));
+            extent = Some(extent.map_or((a, b), |(x, y)| (x.min(a), y.max(b))));
+        }
+        extent
+    }
+
+    /// Whether `addr` lies at a VMA's start or outside every VMA (so a
+    /// change starting there splits nothing).
+    pub fn is_boundary(&self, addr: u64) -> bool {
+        self.lookup(addr).is_none_or(|v| v.start == addr)
     }
 
     /// `mmap()` of a private anonymous range (no MAP_FIXED replacement:
@@ -118,6 +176,7 @@ impl VmaTree {
                 "mmap {start:#x}+{len:#x} overlaps an existing mapping"
             )));
         }
+        let _ = self.unreserve(start, end);
         self.map.insert(start, Vma::new(start, end, flags, 0, orders(flags)));
         self.seq += 1;
         self.merge_around(start, end);
@@ -137,7 +196,10 @@ impl VmaTree {
     }
 
     /// Removes `[start, end)` from the set and returns the removed pieces.
-    pub fn munmap(&mut self, start: u64, end: u64) -> Vec<Arc<Vma>> {
+    /// Removes `[start, end)`: returns the VMAs removed and the extent of
+    /// everything unmapped (VMAs and reservation), for `free_pgtables()`.
+    pub fn munmap(&mut self, start: u64, end: u64) -> (Vec<Arc<Vma>>, Option<(u64, u64)>) {
+        let mut extent = self.unreserve(start, end);
         self.split_at(start);
         self.split_at(end);
         let keys: Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
@@ -145,7 +207,10 @@ impl VmaTree {
         if !out.is_empty() {
             self.seq += 1;
         }
-        out
+        for v in &out {
+            extent = Some(extent.map_or((v.start, v.end), |(x, y)| (x.min(v.start), y.max(v.end))));
+        }
+        (out, extent)
     }
 
     /// The mapped pieces of `[start, end)`, after splitting at its ends.
@@ -255,6 +320,14 @@ mod tests {
         assert!(t.lookup(0x18000).is_none());
         assert_eq!(t.prev_end(0x18000), 0x18000);
         assert_eq!(t.next_start(0x18000), 0x19000);
+        t.reserve(0x0, 0x40000);
+        assert_eq!(t.prev_end(0x18000), 0x18000);
+        assert_eq!(t.prev_end(0x8000), 0x8000, "the reservation below the first VMA bounds it");
+        assert_eq!(t.next_start(0x30000), 0x30000);
+        let (gone, extent) = t.munmap(0x0, 0x40000);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(extent, Some((0x0, 0x40000)));
+        assert_eq!(t.next_start(0), 0);
     }
 
     #[test]
