@@ -115,11 +115,6 @@ impl MmInner {
     /// `pmd` is the entry the MMU's walk found, if the tables down to it exist.
     pub(crate) fn handle_mm_fault(&self, cpu: &mut Cpu, vma: &Vma, addr: u64, write: bool, pmd: Option<&AtomicU64>) -> VmResult<Fault> {
         cpu.c().vm.pgfault.inc();
-        // vmf_anon_prepare(): the VMA gets its anon_vma on the first fault.
-        if vma.anon_vma() == 0 {
-            let id = self.new_anon_vma();
-            let _ = vma.anon_vma.compare_exchange(0, id, Relaxed, Relaxed);
-        }
         let pmd = match pmd {
             Some(p) => p,
             None => self.pt.pmd_alloc(addr, &cpu.pc.page_table_lock),
@@ -145,6 +140,17 @@ impl MmInner {
         self.handle_pte_fault(cpu, vma, pmd, addr, write)
     }
 
+    /// `vmf_anon_prepare()`: the VMA gets its anon_vma on the first fault
+    /// that maps anonymous memory (not on a zero-page read at PTE level),
+    /// which decides which neighbours it can merge with later.
+    #[inline(always)]
+    fn vmf_anon_prepare(&self, vma: &Vma) {
+        if vma.anon_vma() == 0 {
+            let id = self.new_anon_vma();
+            let _ = vma.anon_vma.compare_exchange(0, id, Relaxed, Relaxed);
+        }
+    }
+
     /// `handle_pte_fault()`.
     fn handle_pte_fault(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
         let v = pmd.load(Acquire);
@@ -159,7 +165,7 @@ impl MmInner {
             return self.do_anonymous_page(cpu, vma, pmd, addr, write);
         }
         if write && pte & PTE_WRITE == 0 {
-            return self.do_wp_page(cpu, pmd, addr, pte);
+            return self.do_wp_page(cpu, vma, pmd, addr, pte);
         }
         // Present and permitted: another CPU got here first. The kernel
         // takes the PTL to re-check (`pte_same`) before returning.
@@ -336,6 +342,7 @@ impl MmInner {
             cpu.c().fault.zero_page.inc();
             return Ok(Fault::Done);
         }
+        self.vmf_anon_prepare(vma);
         let mut max_order = PMD_ORDER - 1;
         loop {
             let (pfn, order) = self.alloc_anon_folio(cpu, vma, t, addr, max_order)?;
@@ -378,7 +385,8 @@ impl MmInner {
     }
 
     /// `do_wp_page()` on the zero page: `wp_page_copy()` into an order-0 folio.
-    fn do_wp_page(&self, cpu: &mut Cpu, pmd: &AtomicU64, addr: u64, orig: u64) -> VmResult<Fault> {
+    fn do_wp_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, orig: u64) -> VmResult<Fault> {
+        self.vmf_anon_prepare(vma);
         let pfn = self.folio_prealloc(cpu)?;
         let t = PageTable::pte_table(pmd.load(Acquire));
         let idx = pte_index(addr);
@@ -446,6 +454,7 @@ impl MmInner {
         if haddr < vma.start || haddr + PMD_SIZE > vma.end {
             return Ok(None);
         }
+        self.vmf_anon_prepare(vma);
         if !write && self.cfg.use_zero_page {
             let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
             if pmd.load(Acquire) != 0 {
