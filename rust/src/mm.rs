@@ -215,7 +215,11 @@ impl Mm {
         let orders = |f: VmFlags| cfg.allowable_orders(f.hugepage, f.nohugepage);
         self.with_write_lock(cpu, |mm, _| {
             let t = mm.vmas_mut();
-            t.mmap(addr, len, VmFlags::default(), orders)?;
+            if let Some((start, end, floor, ceiling)) = t.mmap(addr, len, VmFlags::default(), orders)? {
+                // MAP_FIXED over the reservation unmapped it first.
+                mm.free_pgtables(start, end, floor, ceiling);
+            }
+            let t = mm.vmas_mut();
             let end = addr + len;
             if flags.uffd_wp {
                 t.modify_flags(addr, end, orders, |f| f.uffd_wp = true);

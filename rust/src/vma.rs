@@ -169,18 +169,22 @@ impl VmaTree {
 
     /// `mmap()` of a private anonymous range (no MAP_FIXED replacement:
     /// overlapping an existing VMA is an error here).
-    pub fn mmap(&mut self, start: u64, len: u64, flags: VmFlags, orders: impl Fn(VmFlags) -> u32) -> Result<()> {
+    /// Returns what a MAP_FIXED mmap over reservation pieces unmapped first,
+    /// as `(start, end, floor, ceiling)` for `free_pgtables()`.
+    pub fn mmap(&mut self, start: u64, len: u64, flags: VmFlags, orders: impl Fn(VmFlags) -> u32) -> Result<Option<(u64, u64, u64, u64)>> {
         let end = start + len;
         if self.overlaps(start, end) {
             return Err(Error::Overlap(format!(
                 "mmap {start:#x}+{len:#x} overlaps an existing mapping"
             )));
         }
-        let _ = self.unreserve(start, end);
+        // The neighbours outside the range bound the page tables freed with
+        // the replaced pieces (vms_gather_munmap_vmas: prev end, next start).
+        let replaced = self.unreserve(start, end).map(|(s, e)| (s, e, self.prev_end(start), self.next_start(end)));
         self.map.insert(start, Vma::new(start, end, flags, 0, orders(flags)));
         self.seq += 1;
         self.merge_around(start, end);
-        Ok(())
+        Ok(replaced)
     }
 
     /// Splits VMAs so that `start` and `end` are VMA boundaries (`split_vma`).
