@@ -749,6 +749,25 @@ def shared_cases():
     return out
 
 
+def regression_cases():
+    """Traces kept from differential fuzzing (``regressions/*.trace``): each
+    starts with ``# args: --thp-enabled M --thp SIZE=MODE ...`` and a comment
+    saying which kernel behaviour the simulator once got wrong."""
+    out = []
+    for path in sorted((HERE / "regressions").glob("*.trace")):
+        first = path.read_text().splitlines()[0]
+        args = first.removeprefix("# args:").split()
+        top = args[args.index("--thp-enabled") + 1]
+        settings = {s: ("inherit" if s == "2048kB" else "never") for s in SIZES}
+        for i, a in enumerate(args):
+            if a == "--thp":
+                size, mode = args[i + 1].split("=")
+                settings[size] = mode
+        out.append({"name": path.stem, "top": top, "settings": settings, "extra8": None,
+                    "copy": path, "description": "fuzzing regression: " + path.read_text().splitlines()[1][2:]})
+    return out
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -821,7 +840,7 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="list the cases")
     opts = ap.parse_args(argv)
 
-    cases = shared_cases()
+    cases = shared_cases() + regression_cases()
     for c in CASES:
         t = c["make"]()
         cases.append({**c, "text": t.text(), "description": t.lines[0][2:] if t.lines else ""})
