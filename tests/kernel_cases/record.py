@@ -733,17 +733,23 @@ case("random-mix-inherit", top="madvise", s32kB="inherit", s128kB="madvise", s20
 # The shared kernel examples, re-recorded
 
 
+def settings_of(args, defaults=None):
+    """The top-level mode and per-size settings that ``anonfolio replay``
+    options (``--thp-enabled M --thp SIZE=MODE ...``) express."""
+    top = args[args.index("--thp-enabled") + 1]
+    settings = dict(defaults or {})
+    for i, a in enumerate(args):
+        if a == "--thp":
+            size, mode = args[i + 1].split("=")
+            settings[size] = mode
+    return top, settings
+
+
 def shared_cases():
     out = []
     ex = json.loads((SHARED / "expected.json").read_text())
     for e in ex["examples"]:
-        args = e["args"]
-        top = args[args.index("--thp-enabled") + 1]
-        settings = {}
-        for i, a in enumerate(args):
-            if a == "--thp":
-                s, m = args[i + 1].split("=")
-                settings[s] = m
+        top, settings = settings_of(e["args"])
         out.append({"name": e["name"], "top": top, "settings": settings, "extra8": None,
                     "copy": SHARED / e["trace"], "description": "shared kernel example"})
     return out
@@ -756,13 +762,8 @@ def regression_cases():
     out = []
     for path in sorted((HERE / "regressions").glob("*.trace")):
         first = path.read_text().splitlines()[0]
-        args = first.removeprefix("# args:").split()
-        top = args[args.index("--thp-enabled") + 1]
-        settings = {s: ("inherit" if s == "2048kB" else "never") for s in SIZES}
-        for i, a in enumerate(args):
-            if a == "--thp":
-                size, mode = args[i + 1].split("=")
-                settings[size] = mode
+        top, settings = settings_of(first.removeprefix("# args:").split(),
+                                    {s: ("inherit" if s == "2048kB" else "never") for s in SIZES})
         out.append({"name": path.stem, "top": top, "settings": settings, "extra8": None,
                     "copy": path, "description": "fuzzing regression: " + path.read_text().splitlines()[1][2:]})
     return out
