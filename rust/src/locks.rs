@@ -68,11 +68,6 @@ impl<T> SpinLock<T> {
         st.spins.add(spins);
     }
 
-    /// `spin_is_locked()`.
-    pub fn is_locked(&self) -> bool {
-        self.locked.load(Relaxed)
-    }
-
     /// Access without locking, for a caller that excludes everyone else
     /// (e.g. holds the mmap lock for write, or owns the lock exclusively).
     pub fn get_mut(&mut self) -> &mut T {

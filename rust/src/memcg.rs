@@ -84,10 +84,6 @@ impl MemCg {
     pub fn usage(&self) -> u64 {
         self.usage.load(Relaxed)
     }
-
-    pub fn limited(&self) -> bool {
-        self.limit != u64::MAX
-    }
 }
 
 #[cfg(test)]

@@ -368,20 +368,14 @@ impl Mm {
         let lc = &self.orphan.page_table_lock;
         // Exclude faults the way mmap/munmap do: the write side of the mmap lock.
         let _w = self.wlock.lock().unwrap();
-        self.writer.store(true, SeqCst);
         struct Release<'a>(&'a AtomicBool);
         impl Drop for Release<'_> {
             fn drop(&mut self) {
                 self.0.store(false, SeqCst);
             }
         }
+        self.wait_for_readers(|| {});
         let _release = Release(&self.writer);
-        let readers: Vec<Arc<PerCpu>> = self.cpus.lock().unwrap().clone();
-        for pc in readers.iter() {
-            while pc.reader.load(SeqCst) != 0 {
-                std::thread::yield_now();
-            }
-        }
         let alloc = &self.alloc;
         // head pfn -> pages of it mapped
         let mut mapped: HashMap<u64, u64> = HashMap::new();
@@ -553,6 +547,23 @@ impl MmInner {
         }
     }
 
+    /// Announces a writer and waits for every CPU's reader flag to clear,
+    /// calling `on_wait` each time it has to wait; returns the waits. The
+    /// caller holds `wlock` and clears `writer` when done.
+    fn wait_for_readers(&self, mut on_wait: impl FnMut()) -> u64 {
+        self.writer.store(true, SeqCst);
+        let readers: Vec<Arc<PerCpu>> = self.cpus.lock().unwrap().clone();
+        let mut spins = 0;
+        for pc in readers.iter() {
+            while pc.reader.load(SeqCst) != 0 {
+                spins += 1;
+                on_wait();
+                std::thread::yield_now();
+            }
+        }
+        spins
+    }
+
     /// `mmap_write_lock()`: waits for every CPU's reader flag to clear.
     fn with_write_lock<T>(&self, cpu: &mut Cpu, f: impl FnOnce(&MmInner, &mut Cpu) -> Result<T>) -> Result<T> {
         let held = cpu.read_held;
@@ -573,16 +584,7 @@ impl MmInner {
                 }
             }
         };
-        self.writer.store(true, SeqCst);
-        let readers: Vec<Arc<PerCpu>> = self.cpus.lock().unwrap().clone();
-        let mut spins = 0;
-        for pc in readers.iter() {
-            while pc.reader.load(SeqCst) != 0 {
-                spins += 1;
-                cpu.preempt(Point::Blocked);
-                std::thread::yield_now();
-            }
-        }
+        let spins = self.wait_for_readers(|| cpu.preempt(Point::Blocked));
         cpu.pc.mmap_lock.spins.add(spins);
         let r = f(self, cpu);
         cpu.sync_pcp_gauge();

@@ -436,12 +436,6 @@ impl PageAlloc {
         self.add_free(z, pfn, order);
     }
 
-    /// Free pages in the zone (lists plus the never-used remainder).
-    pub fn nr_free(&self, zl: &LockCounters) -> u64 {
-        let z = self.zone.lock(zl);
-        z.nr_free + (self.phys_pages - z.frontier)
-    }
-
     /// Checks that the free lists agree with the memory map; returns the
     /// number of free pages found.
     pub fn check_free_lists(&self, zl: &LockCounters) -> std::result::Result<u64, String> {

@@ -18,7 +18,6 @@ struct State {
     cur: usize,
     done: Vec<bool>,
     rng: u64,
-    switches: u64,
 }
 
 pub struct DetSched {
@@ -43,7 +42,7 @@ impl DetSched {
         let mut rng = seed;
         let cur = (next(&mut rng) % ncpus.max(1) as u64) as usize;
         Arc::new(DetSched {
-            st: Mutex::new(State { cur, done: vec![false; ncpus], rng, switches: 0 }),
+            st: Mutex::new(State { cur, done: vec![false; ncpus], rng }),
             cv: Condvar::new(),
             switch_prob,
         })
@@ -81,7 +80,6 @@ impl DetSched {
         }
         if let Some(n) = Self::pick_other(&mut st, me) {
             st.cur = n;
-            st.switches += 1;
             self.cv.notify_all();
             while st.cur != me {
                 st = self.cv.wait(st).unwrap();
@@ -97,10 +95,6 @@ impl DetSched {
             st.cur = n;
             self.cv.notify_all();
         }
-    }
-
-    pub fn switches(&self) -> u64 {
-        self.st.lock().unwrap().switches
     }
 
     /// The hook to install in a CPU's `sched`.
