@@ -38,9 +38,7 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Parse(m) | Error::InvalidRange(m) | Error::Overlap(m) | Error::Config(m) => {
-                f.write_str(m)
-            }
+            Error::Parse(m) | Error::InvalidRange(m) | Error::Overlap(m) | Error::Config(m) => f.write_str(m),
             Error::Segv(a) => write!(f, "segmentation fault: access at {a:#x} is outside every VMA"),
             Error::Oom(a) => write!(f, "out of memory handling the fault at {a:#x} (VM_FAULT_OOM)"),
             Error::Oracle(m) => write!(f, "kernel oracle: {m}"),
@@ -51,5 +49,14 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+impl From<anonfolio_trace::Error> for Error {
+    fn from(e: anonfolio_trace::Error) -> Self {
+        match e {
+            anonfolio_trace::Error::Parse(m) => Error::Parse(m),
+            anonfolio_trace::Error::InvalidRange(m) => Error::InvalidRange(m),
+        }
+    }
+}
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,53 +1,53 @@
 //! anonfolio: a simulator of the Linux anonymous-memory page-fault path with
-//! large folios (multi-size THP), modelled on Linux 6.18's `mm/memory.c`.
+//! large folios (multi-size THP), modelled on Linux 6.18.
 //!
-//! The pieces, by the kernel's names:
-//! - [`pgtable`]: a 4-level page table with atomic entries, `pte_offset_map_lock`,
-//!   `pte_range_none`, `set_ptes`, PMD-mapped THP.
-//! - [`locks`]: spinlocks with cheap counters: the split PTE-table locks, the
-//!   mm-wide `page_table_lock`, `zone->lock`, and the mmap lock.
-//! - [`page_alloc`]: a buddy allocator with per-CPU lists, fragmentation and
-//!   failure injection; [`memcg`]: charge limits.
-//! - [`vma`]: VMAs with mmap, munmap, madvise, splitting and merging.
-//! - [`fault`]: `handle_mm_fault`, `do_anonymous_page`, `alloc_anon_folio`,
-//!   `do_huge_pmd_anonymous_page`, `do_wp_page`, per [`config::Policy`].
-//! - [`zap`]: `zap_pte_range`, rmap removal, deferred split.
-//! - [`stats`]: counters named as in sysfs and /proc/vmstat.
-//! - [`replay`] and [`workload`]: traces and built-in access patterns.
-//! - [`oracle`]: the same trace on the real kernel.
+//! The tree follows the kernel's:
+//! - [`mm`] is the kernel model, one module per kernel source file it mirrors:
+//!   [`mm::memory`] (`mm/memory.c`: `handle_mm_fault`, `do_anonymous_page`,
+//!   `alloc_anon_folio`, `do_wp_page`, `zap_pte_range`, `free_pgtables`),
+//!   [`mm::huge_memory`] (PMD THP, the huge zero page, `__split_huge_pmd`),
+//!   [`mm::page_alloc`] (the buddy allocator and per-CPU lists),
+//!   [`mm::memcontrol`] (memcg charge), [`mm::vma`] and [`mm::mmap`] /
+//!   [`mm::madvise`] (VMAs and the system calls that change them),
+//!   [`mm::rmap`] and [`mm::swap`] (folio mapcounts and references),
+//!   [`mm::pgtable`] (entries and tables), [`mm::mm_types`] (`struct page`),
+//!   [`mm::mmap_lock`] and [`mm::spinlock`] (the locks), [`mm::vmstat`]
+//!   (counters under their sysfs and /proc/vmstat names).
+//! - [`policy`] holds each policy's order choice, by its author's name.
+//! - [`drive`] is what drives the model: trace replay, built-in workloads,
+//!   the multi-CPU runner and the deterministic scheduler.
+//! - The trace format is the `anonfolio-trace` crate, re-exported as
+//!   [`trace`]; the real-kernel oracle is the `anonfolio-oracle` crate,
+//!   which depends on the trace format only.
 
 pub mod config;
+pub mod drive;
 pub mod error;
-pub mod fault;
-pub mod locks;
-pub mod memcg;
 pub mod mm;
-pub mod page_alloc;
-pub mod pgtable;
-pub mod replay;
-pub mod sched;
-pub mod stats;
-pub mod trace;
-pub mod vma;
-pub mod workload;
-pub mod zap;
-#[cfg(target_os = "linux")]
-pub mod oracle;
+pub mod policy;
+pub(crate) mod sync;
+
+pub use anonfolio_trace as trace;
 
 pub const PAGE_SHIFT: u32 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 pub const PTRS_PER_TABLE: usize = 512;
 pub const PMD_SHIFT: u32 = 21;
 pub const PMD_SIZE: u64 = 1 << PMD_SHIFT;
-/// Order of a PMD-mapped THP (2 MiB).
+/// Order of a PMD-mapped THP (2 MiB), `HPAGE_PMD_ORDER`.
 pub const PMD_ORDER: usize = 9;
 /// Highest buddy order (`MAX_PAGE_ORDER`, 4 MiB blocks).
 pub const MAX_PAGE_ORDER: usize = 10;
 
 pub use config::{Config, Enabled, MemoryConfig, OnRace, Policy, SizeMode};
+pub use drive::replay::replay;
+pub use drive::runner::{RunOptions, RunResult};
+pub use drive::workload::{Sharing, Workload, WorkloadKind};
 pub use error::{Error, Result};
+pub use mm::vmstat::Stats;
 pub use mm::{Cpu, Mm};
-pub use replay::{replay, RunOptions, RunResult};
-pub use stats::Stats;
 pub use trace::{Advice, MmapFlags, Op, OpKind};
-pub use workload::{Sharing, Workload, WorkloadKind};
+
+// Paths the bindings and tests used before the tree followed the kernel's.
+pub use drive::{sched, workload};
+pub use mm::vmstat as stats;

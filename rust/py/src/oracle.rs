@@ -1,5 +1,5 @@
 //! `kernel_replay(trace_text) -> dict`: the trace on the real kernel (see
-//! `anonfolio::oracle`). THP settings are whatever sysfs holds; the Python
+//! the `anonfolio-oracle` crate). THP settings are whatever sysfs holds; the Python
 //! wrapper `anonfolio.kernel.kernel_replay` sets them and restores them.
 
 use pyo3::prelude::*;
@@ -22,11 +22,11 @@ use crate::errors::{guard, to_pyerr};
 #[pyfunction]
 #[pyo3(name = "kernel_replay", signature = (trace_text))]
 fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'py, PyDict>> {
-    let ops = anonfolio::trace::parse(trace_text).map_err(|e| to_pyerr(py, &e))?;
+    let ops = anonfolio::trace::parse(trace_text).map_err(|e| to_pyerr(py, &e.into()))?;
     let run = py
-        .allow_threads(|| guard(|| anonfolio::oracle::kernel_replay(&ops)))
+        .allow_threads(|| guard(|| anonfolio_oracle::kernel_replay(&ops)))
         .map_err(|p| p.into_pyerr(py))?
-        .map_err(|e| to_pyerr(py, &e))?;
+        .map_err(|e| to_pyerr(py, &oracle_error(e)))?;
     let d = PyDict::new(py);
     d.set_item("faults", run.faults)?;
     d.set_item("rss_bytes", run.rss_bytes)?;
@@ -49,6 +49,21 @@ fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'p
     d.set_item("kernel", &run.kernel_release)?;
     d.set_item("harness_faults", run.harness_faults)?;
     Ok(d)
+}
+
+/// The oracle's error as the engine's, so that it maps to the same
+/// exception classes as a simulated run's.
+#[cfg(target_os = "linux")]
+fn oracle_error(e: anonfolio_oracle::Error) -> anonfolio::Error {
+    use anonfolio::Error as E;
+    use anonfolio_oracle::Error as O;
+    match e {
+        O::Oracle(m) => E::Oracle(m),
+        O::Overlap(m) => E::Overlap(m),
+        O::Segv(a) => E::Segv(a),
+        O::Trace(t) => t.into(),
+        O::AtLine(n, e) => E::AtLine(n, Box::new(oracle_error(*e))),
+    }
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -202,7 +202,7 @@ impl Simulator {
             drop(trace);
             let mut r = anonfolio::replay(mm, &ops, &opts);
             if r.error.is_none() {
-                r.error = parse_error;
+                r.error = parse_error.map(Into::into);
             }
             r
         });

@@ -1,13 +1,16 @@
-//! The memory cgroup the mm is charged to: a page counter with a limit
+//! `mm/memcontrol.c`: the memory cgroup the mm is charged to, a page counter with a limit
 //! (`memory.max`) and a per-CPU charge stock, as `try_charge_memcg()` and
 //! `consume_stock()` have it. Reclaim is not modelled: a charge over the
 //! limit fails.
 
+// The page counter takes part in no ordering protocol: std atomics even
+// under loom.
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// `MEMCG_CHARGE_BATCH`: pages pre-charged into a CPU's stock at a time.
 pub const MEMCG_CHARGE_BATCH: u64 = 64;
 
+/// The memcg, on cache lines of its own: its counter is shared by every CPU.
 #[repr(align(128))]
 pub struct MemCg {
     /// Pages charged (including CPUs' stocks).
@@ -27,7 +30,7 @@ impl MemCg {
     }
 
     /// `page_counter_try_charge()`.
-    fn try_charge_counter(&self, nr: u64) -> bool {
+    fn page_counter_try_charge(&self, nr: u64) -> bool {
         let new = self.usage.fetch_add(nr, Relaxed) + nr;
         if new > self.limit {
             self.usage.fetch_sub(nr, Relaxed);
@@ -38,24 +41,24 @@ impl MemCg {
 
     /// `mem_cgroup_charge()` for `nr` pages from a CPU whose stock is `stock`.
     #[inline(always)]
-    pub fn charge(&self, stock: &mut u64, nr: u64) -> bool {
+    pub fn mem_cgroup_charge(&self, stock: &mut u64, nr: u64) -> bool {
         if *stock >= nr {
             *stock -= nr;
             return true;
         }
-        self.charge_slow(stock, nr)
+        self.try_charge_memcg(stock, nr)
     }
 
     #[cold]
-    fn charge_slow(&self, stock: &mut u64, nr: u64) -> bool {
+    fn try_charge_memcg(&self, stock: &mut u64, nr: u64) -> bool {
         let batch = nr.max(MEMCG_CHARGE_BATCH);
-        if self.try_charge_counter(batch) {
+        if self.page_counter_try_charge(batch) {
             *stock += batch - nr;
             return true;
         }
         // Near the limit: give back the stock and try the exact amount.
         self.drain_stock(stock);
-        if self.try_charge_counter(nr) {
+        if self.page_counter_try_charge(nr) {
             return true;
         }
         self.failcnt.fetch_add(1, Relaxed);
@@ -64,7 +67,7 @@ impl MemCg {
 
     /// `mem_cgroup_uncharge()`: into the stock, which is trimmed to a batch.
     #[inline(always)]
-    pub fn uncharge(&self, stock: &mut u64, nr: u64) {
+    pub fn mem_cgroup_uncharge(&self, stock: &mut u64, nr: u64) {
         *stock += nr;
         if *stock > 2 * MEMCG_CHARGE_BATCH {
             self.usage.fetch_sub(*stock - MEMCG_CHARGE_BATCH, Relaxed);
@@ -86,7 +89,7 @@ impl MemCg {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -95,12 +98,12 @@ mod tests {
         let m = MemCg::new(Some(100 * crate::PAGE_SIZE));
         let mut stock = 0;
         let mut n = 0;
-        while m.charge(&mut stock, 1) {
+        while m.mem_cgroup_charge(&mut stock, 1) {
             n += 1;
         }
         assert_eq!(n, 100);
-        assert!(!m.charge(&mut stock, 16));
-        m.uncharge(&mut stock, 16);
-        assert!(m.charge(&mut stock, 16));
+        assert!(!m.mem_cgroup_charge(&mut stock, 16));
+        m.mem_cgroup_uncharge(&mut stock, 16);
+        assert!(m.mem_cgroup_charge(&mut stock, 16));
     }
 }

@@ -1,7 +1,8 @@
-//! Physical memory: the memory map (`struct page` per frame), a buddy
-//! allocator with per-order free lists under `zone->lock`, and per-CPU page
-//! lists for the orders the kernel keeps there (`pcp_allowed_order()`:
-//! orders <= PAGE_ALLOC_COSTLY_ORDER and the PMD order).
+//! Physical memory (`mm/page_alloc.c`): the memory map (`struct page` per
+//! frame), a buddy allocator with per-order free lists under `zone->lock`,
+//! and per-CPU page lists for the orders the kernel keeps there
+//! (`pcp_allowed_order()`: orders <= PAGE_ALLOC_COSTLY_ORDER and the PMD
+//! order).
 //!
 //! Memory costs the host nothing until used: the memory map is a
 //! `MAP_NORESERVE` mapping the host fills on first touch, and frames above
@@ -9,10 +10,12 @@
 //! list entries (they are free `MAX_PAGE_ORDER` blocks, implicitly).
 
 use crate::error::{Error, Result};
-use crate::locks::SpinLock;
-use crate::stats::LockCounters;
+use crate::mm::mm_types::*;
+use crate::mm::spinlock::SpinLock;
+use crate::mm::vmstat::LockCounters;
 use crate::{MAX_PAGE_ORDER, PMD_ORDER};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use crossbeam_utils::CachePadded;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 pub const PAGE_ALLOC_COSTLY_ORDER: usize = 3;
 /// Pages moved between the zone and a per-CPU list at a time.
@@ -40,68 +43,28 @@ fn pcp_index(order: usize) -> usize {
 
 pub const NR_PCP_LISTS: usize = PAGE_ALLOC_COSTLY_ORDER + 2;
 
-// `Page::info` layout.
-pub const MAPCOUNT_MASK: u32 = (1 << 20) - 1;
-pub const ORDER_SHIFT: u32 = 20;
-pub const ORDER_MASK: u32 = 0xf << ORDER_SHIFT;
-/// Head page of an allocated folio.
-pub const PG_HEAD: u32 = 1 << 24;
-/// Head of a free block on a buddy free list (`PageBuddy`).
-pub const PG_BUDDY: u32 = 1 << 25;
-/// Head of a block on a per-CPU list.
-pub const PG_PCP: u32 = 1 << 26;
-/// Large folio queued for deferred split because it is partially mapped.
-pub const PG_PARTIALLY_MAPPED: u32 = 1 << 27;
-/// Large folio mapped by a PMD.
-pub const PG_PMD_MAPPED: u32 = 1 << 28;
-/// Pinned by injected fragmentation: never freed.
-pub const PG_PINNED: u32 = 1 << 29;
-
-/// The per-frame `struct page`, 8 bytes. For a folio head, `count` is the
-/// refcount and `info` holds the order, flags and the number of pages of the
-/// folio mapped by page tables (the folio's mapcount). For a free block head,
-/// `count` is its index in its free list. Tails are unused.
-///
-/// Folio fields change under the lock of the page table that maps the folio
-/// (a folio never crosses a PTE table), so plain loads and stores suffice.
-#[repr(C)]
-pub struct Page {
-    pub count: AtomicU32,
-    pub info: AtomicU32,
-}
-
-impl Page {
-    #[inline(always)]
-    pub fn info(&self) -> u32 {
-        self.info.load(Relaxed)
-    }
-    #[inline(always)]
-    pub fn set_info(&self, v: u32) {
-        self.info.store(v, Relaxed)
-    }
-    #[inline(always)]
-    pub fn order(&self) -> usize {
-        ((self.info() & ORDER_MASK) >> ORDER_SHIFT) as usize
-    }
-    #[inline(always)]
-    pub fn mapcount(&self) -> u32 {
-        self.info() & MAPCOUNT_MASK
-    }
-}
-
 /// The memory map: one [`Page`] per frame, backed lazily by the host.
+/// Under loom, whose atomics are not plain memory, a boxed slice.
 struct MemMap {
+    #[cfg(not(loom))]
     base: *mut Page,
+    #[cfg(loom)]
+    pages: Box<[Page]>,
     len: usize,
 }
 
+// SAFETY: the map is a fixed array of atomics owned by the allocator; the
+// raw pointer is its base, valid for `len` pages until drop.
 unsafe impl Send for MemMap {}
+// SAFETY: as above; every access goes through `Page`'s atomics.
 unsafe impl Sync for MemMap {}
 
 impl MemMap {
+    #[cfg(not(loom))]
     fn new(len: usize) -> Result<MemMap> {
         let bytes = len * std::mem::size_of::<Page>();
-        // SAFETY: a fresh private anonymous mapping; zero-filled by the host.
+        // SAFETY: mmap of fresh private anonymous memory has no
+        // preconditions; the result is checked below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -121,10 +84,30 @@ impl MemMap {
         }
         Ok(MemMap { base: p as *mut Page, len })
     }
+
+    #[cfg(loom)]
+    fn new(len: usize) -> Result<MemMap> {
+        Ok(MemMap { pages: (0..len).map(|_| Page::default()).collect(), len })
+    }
+
+    #[inline(always)]
+    fn get(&self, pfn: u64) -> &Page {
+        let i = pfn as usize;
+        assert!(i < self.len, "pfn {pfn:#x} is outside the memory map");
+        #[cfg(not(loom))]
+        // SAFETY: `i < len`, the map holds `len` pages, and zero-filled
+        // memory is a valid `Page` (two atomics, no invariant on their bits).
+        return unsafe { &*self.base.add(i) };
+        #[cfg(loom)]
+        return &self.pages[i];
+    }
 }
 
+#[cfg(not(loom))]
 impl Drop for MemMap {
     fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no reference into it outlives
+        // the allocator that owns the map.
         unsafe {
             libc::munmap(self.base as *mut libc::c_void, (self.len * std::mem::size_of::<Page>()).max(1));
         }
@@ -155,21 +138,13 @@ pub struct AllocShared {
     pub pinned: AtomicU64,
 }
 
-/// Keeps a value on cache lines of its own (no false sharing with the
-/// fields every fault reads, such as `map`).
-#[repr(align(128))]
-pub struct Padded<T>(pub T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 pub struct PageAlloc {
     map: MemMap,
-    zone: Padded<SpinLock<Zone>>,
+    /// `zone->lock` and the free lists, on cache lines of their own (no
+    /// false sharing with `map`, which every fault reads).
+    zone: CachePadded<SpinLock<Zone>>,
+    /// `zone.frontier`, readable without the lock (host memory figures).
+    frontier: AtomicU64,
     pub phys_pages: u64,
     fragmentation: f64,
     pub shared: AllocShared,
@@ -206,7 +181,8 @@ impl PageAlloc {
         }
         Ok(PageAlloc {
             map: MemMap::new(phys_pages as usize)?,
-            zone: Padded(SpinLock::new(Zone {
+            frontier: AtomicU64::new(0),
+            zone: CachePadded::new(SpinLock::new(Zone {
                 free: Default::default(),
                 frontier: 0,
                 nr_free: 0,
@@ -218,18 +194,18 @@ impl PageAlloc {
         })
     }
 
-    /// `pfn_to_page()`.
+    /// `pfn_to_page()`. Panics for a frame outside the memory map.
     #[inline(always)]
     pub fn page(&self, pfn: u64) -> &Page {
-        debug_assert!((pfn as usize) < self.map.len);
-        // SAFETY: pfn is below phys_pages, the length of the map.
-        unsafe { &*self.map.base.add(pfn as usize) }
+        self.map.get(pfn)
     }
 
-    /// Allocates a block of `2^order` pages for `cpu`, from its per-CPU list
-    /// when the order has one. `None` when memory is exhausted.
+    /// `rmqueue()`: a block of `2^order` pages for a CPU, from its per-CPU
+    /// list when the order has one (`rmqueue_pcplist`), else from the buddy
+    /// lists under `zone->lock` (`rmqueue_buddy`). `None` when memory is
+    /// exhausted.
     #[inline]
-    pub fn alloc(&self, pcp: &mut PerCpuPages, order: usize, zl: &LockCounters) -> Option<u64> {
+    pub fn rmqueue(&self, pcp: &mut PerCpuPages, order: usize, zl: &LockCounters) -> Option<u64> {
         if pcp_allowed_order(order) {
             let i = pcp_index(order);
             if let Some(pfn) = pcp.lists[i].pop() {
@@ -260,7 +236,7 @@ impl PageAlloc {
                     got += 1 << (o - order);
                     continue;
                 }
-                match self.rmqueue(&mut z, order) {
+                match self.__rmqueue_smallest(&mut z, order) {
                     Some(pfn) => {
                         list.push(pfn as u32);
                         got += 1;
@@ -275,14 +251,16 @@ impl PageAlloc {
             Some(pfn as u64)
         } else {
             let mut z = self.zone.lock(zl);
-            self.rmqueue(&mut z, order)
+            self.__rmqueue_smallest(&mut z, order)
         }
     }
 
-    /// Frees a block, to the per-CPU list when its order has one; drains a
-    /// batch to the zone when the list grows past its high mark.
+    /// `free_frozen_pages()`: frees a block, to the per-CPU list when its
+    /// order has one (`free_frozen_page_commit`, which drains a batch to the
+    /// zone when the list grows past its high mark), else to the buddy lists
+    /// (`free_one_page`).
     #[inline]
-    pub fn free(&self, pcp: &mut PerCpuPages, pfn: u64, order: usize, zl: &LockCounters) {
+    pub fn free_frozen_pages(&self, pcp: &mut PerCpuPages, pfn: u64, order: usize, zl: &LockCounters) {
         self.page(pfn).set_info(0);
         if pcp_allowed_order(order) {
             let i = pcp_index(order);
@@ -293,13 +271,16 @@ impl PageAlloc {
             }
         } else {
             let mut z = self.zone.lock(zl);
-            self.free_one(&mut z, pfn, order);
+            self.__free_one_page(&mut z, pfn, order);
         }
     }
 
     /// `free_pcppages_bulk()`: returns at least `pages` pages to the zone
     /// (all when `pages` is u64::MAX), taking from every list in turn.
     pub fn drain_pcp(&self, pcp: &mut PerCpuPages, pages: u64, zl: &LockCounters) {
+        if pcp.count == 0 {
+            return;
+        }
         let mut z = self.zone.lock(zl);
         let mut freed = 0u64;
         // Oldest first (the kernel frees from the tail), each list in turn,
@@ -309,7 +290,7 @@ impl PageAlloc {
                 let order = if i == PAGE_ALLOC_COSTLY_ORDER + 1 { PMD_ORDER } else { i };
                 let want = ((pages - freed).div_ceil(1 << order)).min(pcp.lists[i].len() as u64) as usize;
                 for pfn in pcp.lists[i].drain(..want) {
-                    self.free_one(&mut z, pfn as u64, order);
+                    self.__free_one_page(&mut z, pfn as u64, order);
                 }
                 pcp.count -= (want as u64) << order;
                 freed += (want as u64) << order;
@@ -320,8 +301,9 @@ impl PageAlloc {
         }
     }
 
-    /// `__rmqueue_smallest()` plus carving fresh blocks from the frontier.
-    fn rmqueue(&self, z: &mut Zone, order: usize) -> Option<u64> {
+    /// `__rmqueue_smallest()`, plus carving fresh blocks from the frontier.
+    #[allow(non_snake_case)]
+    fn __rmqueue_smallest(&self, z: &mut Zone, order: usize) -> Option<u64> {
         loop {
             for o in order..=MAX_PAGE_ORDER {
                 if let Some(pfn) = z.free[o].pop() {
@@ -347,6 +329,7 @@ impl PageAlloc {
         }
         let pfn = z.frontier;
         z.frontier += n;
+        self.frontier.store(z.frontier, Relaxed);
         self.add_free(z, pfn, MAX_PAGE_ORDER);
         if self.fragmentation > 0.0 {
             let pb = 1u64 << PMD_ORDER;
@@ -422,7 +405,8 @@ impl PageAlloc {
     }
 
     /// `__free_one_page()`: merges with free buddies as far as it can.
-    fn free_one(&self, z: &mut Zone, mut pfn: u64, mut order: usize) {
+    #[allow(non_snake_case)]
+    fn __free_one_page(&self, z: &mut Zone, mut pfn: u64, mut order: usize) {
         while order < MAX_PAGE_ORDER {
             let buddy = pfn ^ (1 << order);
             let info = self.page(buddy).info();
@@ -459,14 +443,14 @@ impl PageAlloc {
         Ok(n + (self.phys_pages - z.frontier))
     }
 
-    /// Frames ever touched (below the frontier): what to scan for folios.
-    pub fn frontier(&self, zl: &LockCounters) -> u64 {
-        self.zone.lock(zl).frontier
+    /// Frames ever handed out (below the frontier): what to scan for folios.
+    pub fn frontier(&self) -> u64 {
+        self.frontier.load(Relaxed)
     }
 
     /// Host bytes used by the memory map so far.
-    pub fn host_bytes(&self, zl: &LockCounters) -> u64 {
-        self.frontier(zl) * std::mem::size_of::<Page>() as u64
+    pub fn host_bytes(&self) -> u64 {
+        self.frontier() * std::mem::size_of::<Page>() as u64
     }
 }
 
@@ -491,7 +475,7 @@ impl FailInject {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 
@@ -503,12 +487,12 @@ mod tests {
         let total = pa.phys_pages;
         let mut got = vec![];
         for order in [0usize, 4, 2, 9, 5, 0, 8] {
-            let pfn = pa.alloc(&mut pcp, order, &zl).unwrap();
+            let pfn = pa.rmqueue(&mut pcp, order, &zl).unwrap();
             assert_eq!(pfn & ((1 << order) - 1), 0, "aligned");
             got.push((pfn, order));
         }
         for (pfn, order) in got {
-            pa.free(&mut pcp, pfn, order, &zl);
+            pa.free_frozen_pages(&mut pcp, pfn, order, &zl);
         }
         pa.drain_pcp(&mut pcp, u64::MAX, &zl);
         assert_eq!(pcp.count, 0);
@@ -524,8 +508,8 @@ mod tests {
         let zl = LockCounters::default();
         let mut pcp = PerCpuPages::default();
         // Every pageblock has a pinned page: no order-9 block exists.
-        assert!(pa.alloc(&mut pcp, PMD_ORDER, &zl).is_none());
-        assert!(pa.alloc(&mut pcp, 4, &zl).is_some());
+        assert!(pa.rmqueue(&mut pcp, PMD_ORDER, &zl).is_none());
+        assert!(pa.rmqueue(&mut pcp, 4, &zl).is_some());
         assert_eq!(pa.shared.pinned.load(Relaxed), pa.phys_pages / 512);
     }
 
@@ -535,8 +519,8 @@ mod tests {
         let zl = LockCounters::default();
         let mut pcp = PerCpuPages::default();
         for _ in 0..1024 {
-            assert!(pa.alloc(&mut pcp, 0, &zl).is_some());
+            assert!(pa.rmqueue(&mut pcp, 0, &zl).is_some());
         }
-        assert!(pa.alloc(&mut pcp, 0, &zl).is_none());
+        assert!(pa.rmqueue(&mut pcp, 0, &zl).is_none());
     }
 }

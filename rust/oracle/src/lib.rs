@@ -1,4 +1,5 @@
-//! The kernel oracle: the same trace replayed on the real Linux kernel, in
+#![cfg(target_os = "linux")]
+//! The kernel oracle: an anonfolio trace replayed on the real Linux kernel, in
 //! this process, and what the kernel reported about it.
 //!
 //! How a trace is placed:
@@ -47,8 +48,45 @@
 //! The loop itself does not allocate: operations are translated into a
 //! flat array beforehand, and errors are recorded in a fixed-size slot.
 
-use crate::error::{Error, Result};
-use crate::trace::{Advice, Op, OpKind};
+use anonfolio_trace::{Advice, Op, OpKind};
+use std::fmt;
+
+/// What can stop a kernel replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The kernel or the host refused something (a syscall, a file, no Linux).
+    Oracle(String),
+    /// The trace maps over an existing mapping.
+    Overlap(String),
+    /// The trace accesses memory outside every VMA it made (SIGSEGV).
+    Segv(u64),
+    /// The trace does not parse.
+    Trace(anonfolio_trace::Error),
+    /// An error raised by the operation on a given trace line.
+    AtLine(u32, Box<Error>),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Oracle(m) => write!(f, "kernel oracle: {m}"),
+            Error::Overlap(m) => f.write_str(m),
+            Error::Segv(a) => write!(f, "segmentation fault: access at {a:#x} is outside every VMA"),
+            Error::Trace(e) => e.fmt(f),
+            Error::AtLine(n, e) => write!(f, "line {n}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<anonfolio_trace::Error> for Error {
+    fn from(e: anonfolio_trace::Error) -> Self {
+        Error::Trace(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 use std::time::Instant;
 
 const PAGE: u64 = 4096;
@@ -645,7 +683,7 @@ pub fn kernel_release() -> String {
 /// so that the loop's code, the vDSO and the syscall paths are warm. Its
 /// VMAs are too small for any large folio.
 fn warm_up(with_uffd: bool) -> Result<()> {
-    use crate::trace::MmapFlags;
+    use anonfolio_trace::MmapFlags;
     let b = 0x1000_0000u64;
     let m = |addr, flags| OpKind::Mmap { addr, len: 2 * PAGE, flags };
     let mut kinds = vec![
@@ -735,7 +773,7 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace;
+    use anonfolio_trace as trace;
 
     fn can_run() -> bool {
         // The oracle needs nothing special for order-0 traces; skip only if

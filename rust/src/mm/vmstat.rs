@@ -1,11 +1,13 @@
-//! Statistics under the kernel's names: per-size `hugepages-*/stats`,
-//! `/proc/vmstat`, lock figures and race costs.
+//! Statistics under the kernel's names (`mm/vmstat.c` for /proc/vmstat, the
+//! per-size `hugepages-*/stats` of `mm/huge_memory.c`), lock figures and race
+//! costs.
 //!
 //! Counters live per simulated CPU and are bumped with a plain load and
 //! store (the owner is the only writer), as the kernel's per-CPU counters
 //! are; readers sum over CPUs.
 
 use crate::PMD_ORDER;
+// One writer per counter and no protocol: std atomics even under loom.
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// A counter with one writer (its CPU) and any number of readers.
@@ -41,6 +43,8 @@ macro_rules! counters {
         pub struct $snap { $($(#[$fm])* pub $f: u64),* }
         impl $name {
             pub fn add_to(&self, s: &mut $snap) { $( s.$f = s.$f.wrapping_add(self.$f.get()); )* }
+            /// Adds `o`'s counts to these (the caller is their one writer).
+            pub fn absorb(&self, o: &$name) { $( self.$f.add(o.$f.get()); )* }
         }
         impl $snap {
             pub const NAMES: &'static [&'static str] = &[$(stringify!($f)),*];
@@ -126,6 +130,22 @@ pub struct CpuCounters {
     pub folio_orders: [Counter; PMD_ORDER + 1],
     /// Pages of RSS (MM_ANONPAGES) this CPU added minus what it removed.
     pub rss: Counter,
+}
+
+impl CpuCounters {
+    /// Adds `o`'s counts to these (the caller is their one writer).
+    pub fn absorb(&self, o: &CpuCounters) {
+        for (a, b) in self.mthp.iter().zip(o.mthp.iter()) {
+            a.absorb(b);
+        }
+        self.vm.absorb(&o.vm);
+        self.race.absorb(&o.race);
+        self.fault.absorb(&o.fault);
+        for (a, b) in self.folio_orders.iter().zip(o.folio_orders.iter()) {
+            a.add(b.get());
+        }
+        self.rss.add(o.rss.get());
+    }
 }
 
 /// Figures of one lock or a class of locks.
@@ -219,6 +239,13 @@ pub struct LockCounters {
 }
 
 impl LockCounters {
+    /// Adds `o`'s counts to these (the caller is their one writer).
+    pub fn absorb(&self, o: &LockCounters) {
+        self.acquisitions.add(o.acquisitions.get());
+        self.contended.add(o.contended.get());
+        self.spins.add(o.spins.get());
+    }
+
     pub fn add_to(&self, s: &mut LockStats) {
         s.acquisitions += self.acquisitions.get();
         s.contended += self.contended.get();

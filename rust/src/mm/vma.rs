@@ -1,5 +1,7 @@
-//! VMAs: private anonymous mappings, with the kernel's splitting on partial
-//! munmap/madvise and merging of adjacent compatible VMAs.
+//! VMAs (`mm/vma.c`): private anonymous mappings, with the kernel's
+//! splitting on partial munmap/madvise (`split_vma`) and merging of adjacent
+//! compatible VMAs (`vma_merge_existing_range`, `is_mergeable_vma`,
+//! `is_mergeable_anon_vma`), and `vma_modify_flags`.
 
 use crate::error::{Error, Result};
 use crate::trace::{Advice, MmapFlags};
@@ -69,6 +71,7 @@ pub struct VmaTree {
     reserved: BTreeMap<u64, u64>,
 }
 
+/// `is_mergeable_vma()` and `is_mergeable_anon_vma()`.
 fn compatible(a: &Vma, b: &Vma) -> bool {
     // is_mergeable_vma() + is_mergeable_anon_vma(): same flags, and the
     // anon_vmas agree or one side has none yet.
@@ -183,12 +186,12 @@ impl VmaTree {
         let replaced = self.unreserve(start, end).map(|(s, e)| (s, e, self.prev_end(start), self.next_start(end)));
         self.map.insert(start, Vma::new(start, end, flags, 0, orders(flags)));
         self.seq += 1;
-        self.merge_around(start, end);
+        self.vma_merge(start, end);
         Ok(replaced)
     }
 
-    /// Splits VMAs so that `start` and `end` are VMA boundaries (`split_vma`).
-    fn split_at(&mut self, addr: u64) {
+    /// `split_vma()` at `addr`, if a VMA spans it.
+    fn split_vma(&mut self, addr: u64) {
         let Some(v) = self.lookup(addr).cloned() else { return };
         if v.start == addr {
             return;
@@ -199,13 +202,12 @@ impl VmaTree {
         self.seq += 1;
     }
 
-    /// Removes `[start, end)` from the set and returns the removed pieces.
     /// Removes `[start, end)`: returns the VMAs removed and the extent of
     /// everything unmapped (VMAs and reservation), for `free_pgtables()`.
     pub fn munmap(&mut self, start: u64, end: u64) -> (Vec<Arc<Vma>>, Option<(u64, u64)>) {
         let mut extent = self.unreserve(start, end);
-        self.split_at(start);
-        self.split_at(end);
+        self.split_vma(start);
+        self.split_vma(end);
         let keys: Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
         let out: Vec<_> = keys.iter().filter_map(|k| self.map.remove(k)).collect();
         if !out.is_empty() {
@@ -234,7 +236,7 @@ impl VmaTree {
     /// Returns false if part of the range was unmapped (the kernel's ENOMEM,
     /// after applying the advice to what is mapped).
     pub fn madvise_flags(&mut self, start: u64, end: u64, advice: Advice, orders: impl Fn(VmFlags) -> u32) -> bool {
-        self.modify_flags(start, end, orders, |f| match advice {
+        self.vma_modify_flags(start, end, orders, |f| match advice {
             Advice::HugePage => {
                 f.hugepage = true;
                 f.nohugepage = false;
@@ -249,7 +251,7 @@ impl VmaTree {
 
     /// `vma_modify_flags()` over the mapped parts of `[start, end)`; returns
     /// false if part of the range was unmapped.
-    pub fn modify_flags(&mut self, start: u64, end: u64, orders: impl Fn(VmFlags) -> u32, change: impl Fn(&mut VmFlags)) -> bool {
+    pub fn vma_modify_flags(&mut self, start: u64, end: u64, orders: impl Fn(VmFlags) -> u32, change: impl Fn(&mut VmFlags)) -> bool {
         let pieces = self.pieces(start, end);
         let covered: u64 = pieces.iter().map(|(s, e)| e - s).sum();
         for (s, e) in pieces {
@@ -259,18 +261,19 @@ impl VmaTree {
             if f == v.flags {
                 continue;
             }
-            self.split_at(s);
-            self.split_at(e);
+            self.split_vma(s);
+            self.split_vma(e);
             let v = self.map.remove(&s).expect("split");
             self.map.insert(s, Vma::new(s, e, f, v.anon_vma(), orders(f)));
             self.seq += 1;
-            self.merge_around(s, e);
+            self.vma_merge(s, e);
         }
         covered == end - start
     }
 
-    /// Merges the VMA at `[start, end)` with compatible neighbours.
-    fn merge_around(&mut self, start: u64, end: u64) {
+    /// Merges the VMA at `[start, end)` with compatible neighbours
+    /// (`vma_merge_existing_range` / `vma_merge_new_range`).
+    fn vma_merge(&mut self, start: u64, end: u64) {
         let mut start = start;
         // With the previous VMA.
         if let Some(prev) = self.map.range(..start).next_back().map(|(_, v)| v.clone()) {
@@ -296,7 +299,7 @@ impl VmaTree {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

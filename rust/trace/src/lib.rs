@@ -1,4 +1,5 @@
-//! The trace format of `interface.md`: one operation a line.
+//! The anonfolio trace format: one memory operation a line (the format is
+//! documented in the repository's `docs/trace-format.md`).
 //!
 //! ```text
 //! mmap    ADDR LEN [hugepage|nohugepage] [uffd-wp]
@@ -8,8 +9,32 @@
 //! @T <any of the above>
 //! ```
 
-use crate::error::{Error, Result};
-use crate::PAGE_SIZE;
+use std::fmt;
+
+/// Bytes in a base page (x86-64).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A trace line that does not parse, or a range operand the kernel would
+/// refuse with EINVAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A line that does not parse.
+    Parse(String),
+    /// A range that is not page aligned, empty, or outside user space.
+    InvalidRange(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Parse(m) | Error::InvalidRange(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advice {

@@ -1,51 +1,11 @@
-//! Running operations against an mm: trace replay, serially or on many
-//! simulated CPUs.
+//! Trace replay, serially or on many simulated CPUs.
 
+use crate::drive::runner::{finish, run_cpus, RunOptions, RunResult};
 use crate::error::Error;
-use crate::mm::{Cpu, Mm};
-use crate::stats::Stats;
+use crate::mm::{Cpu, Mm, Point};
 use crate::trace::{Op, OpKind, TASK_SIZE};
 use crate::PMD_SIZE;
 use std::time::Instant;
-
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Simulated CPUs (threads). 1 runs serially.
-    pub threads: usize,
-    /// Run the CPUs with a seeded interleaving instead of host threads.
-    pub deterministic: Option<u64>,
-    /// Check the invariants at the end (and fail the run if they break).
-    pub check_invariants: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct RunResult {
-    pub stats: Stats,
-    /// Wall seconds spent simulating.
-    pub elapsed_s: f64,
-    /// Operations completed.
-    pub ops_done: u64,
-    /// The first error (its trace line in `Error::AtLine`); the figures are
-    /// those of what ran before it.
-    pub error: Option<Error>,
-    /// Faults handled by each CPU of the run, for fairness.
-    pub per_cpu_faults: Vec<u64>,
-}
-
-impl RunResult {
-    /// Jain's fairness index of the per-CPU faults: 1 when every CPU
-    /// handled the same number, 1/n when one CPU did all the work.
-    pub fn fairness(&self) -> f64 {
-        let n = self.per_cpu_faults.len() as f64;
-        let sum: f64 = self.per_cpu_faults.iter().map(|&x| x as f64).sum();
-        let sq: f64 = self.per_cpu_faults.iter().map(|&x| (x as f64) * (x as f64)).sum();
-        if sq == 0.0 {
-            1.0
-        } else {
-            sum * sum / (n * sq)
-        }
-    }
-}
 
 /// Runs one operation on `cpu`.
 #[inline]
@@ -60,16 +20,21 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
     r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
 }
 
-pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut error: Option<Error>, check: bool) -> RunResult {
-    let per_cpu_faults = cpus.iter().map(|c| c.c().vm.pgfault.get()).collect();
-    drop(cpus);
-    if (check || mm.debug_vm) && error.is_none() {
-        if let Err(e) = mm.check_invariants() {
-            error = Some(Error::Invariant(e));
+/// Runs trace operations on `nthreads` CPUs at once, each thread its own lines.
+fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
+    let cpus: Vec<Cpu> = (0..nthreads.max(opts.threads).max(1)).map(|i| mm.cpu(i)).collect();
+    let per: Vec<Vec<&Op>> = (0..cpus.len()).map(|t| ops.iter().filter(|o| o.thread as usize == t).collect()).collect();
+    run_cpus(mm, cpus, opts, |t, cpu| {
+        let mut n = 0u64;
+        for op in &per[t] {
+            cpu.preempt(Point::OpBoundary);
+            run_op(mm, cpu, op).map_err(|e| (n, e))?;
+            n += 1;
         }
-    }
-    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults }
+        Ok(n)
+    })
 }
+
 
 /// The PROT_NONE reservation a trace is placed in (as the kernel oracle
 /// places it): its mmaps' span rounded out to 2 MiB, plus 2 MiB each side.
@@ -99,7 +64,7 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
     }
     let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
     if opts.threads > 1 || opts.deterministic.is_some() {
-        return crate::workload::run_parallel_ops(mm, ops, nthreads, opts);
+        return run_parallel_ops(mm, ops, nthreads, opts);
     }
     // Serially, in file order; each trace thread still has its own CPU.
     let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
@@ -118,7 +83,7 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
     finish(mm, cpus, elapsed, done, error, opts.check_invariants)
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::config::{Config, Policy};
@@ -185,7 +150,7 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod policy_tests {
     use super::*;
     use crate::config::{Config, Policy};

@@ -1,14 +1,10 @@
-//! Built-in access patterns, generated on the fly (no address lists), and
-//! the multi-CPU runners.
+//! Built-in access patterns, generated on the fly (no address lists).
 
+use crate::drive::runner::{finish, run_cpus, JobResult, RunOptions, RunResult};
 use crate::error::{Error, Result};
-use crate::mm::{Cpu, Mm};
-use crate::replay::{finish, run_op, RunOptions, RunResult};
-use crate::trace::{MmapFlags, Op};
+use crate::mm::{Cpu, Mm, Point};
+use crate::trace::MmapFlags;
 use crate::PAGE_SIZE;
-use crate::mm::Point;
-use crate::sched::DetSched;
-use std::sync::Mutex;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,38 +257,43 @@ fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>
         let base = WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE);
         for _ in 0..w.iterations.max(1) {
             mm.mmap(cpu, base, w.size, MmapFlags { hugepage: true, ..Default::default() }).map_err(|e| (done, e))?;
-            mm.begin_batch(cpu);
-            for p in 0..w.size / PAGE_SIZE {
-                cpu.preempt(Point::OpBoundary);
-                if let Err(e) = mm.access(cpu, base + p * PAGE_SIZE, true) {
-                    mm.end_batch(cpu);
-                    return Err((done, e));
-                }
-                done += 1;
-                // Another task's mmap/munmap waits for us: let it in.
-                mm.read_yield(cpu);
-            }
-            mm.end_batch(cpu);
+            let r = touch_pages(mm, cpu, (0..w.size / PAGE_SIZE).map(|p| base + p * PAGE_SIZE), true);
+            done += r.map_err(|(n, e)| (done + n, e))?;
             mm.munmap(cpu, base, w.size).map_err(|e| (done, e))?;
         }
         return Ok(done);
     }
     let (s, e, step) = w.share(t, nt);
-    mm.begin_batch(cpu);
-    let mut i = s;
-    while i < e {
-        if let Some(p) = w.page(perm, i) {
-            if let Err(err) = mm.access(cpu, WORKLOAD_BASE + p * PAGE_SIZE, true) {
-                mm.end_batch(cpu);
-                return Err((done, err));
-            }
-            done += 1;
+    let addrs = (s..e).step_by(step as usize).filter_map(|i| w.page(perm, i)).map(|p| WORKLOAD_BASE + p * PAGE_SIZE);
+    touch_pages(mm, cpu, addrs, false)
+}
+
+/// Writes one byte of each page in `addrs` under one hold of the mmap lock
+/// for read, letting waiting writers in between accesses (another task's
+/// mmap/munmap waits for this one). `switch_first` puts the scheduling
+/// point before each access instead of after it.
+#[inline]
+fn touch_pages(mm: &Mm, cpu: &mut Cpu, addrs: impl Iterator<Item = u64>, switch_first: bool) -> JobResult {
+    let pc = cpu.percpu();
+    let mut g = mm.mmap_read_lock(&pc, cpu);
+    let mut done = 0u64;
+    for a in addrs {
+        if switch_first {
             cpu.preempt(Point::OpBoundary);
-            mm.read_yield(cpu);
         }
-        i += step;
+        if let Err(e) = mm.access_locked(&g, cpu, a, true) {
+            drop(g);
+            cpu.sync_pcp_gauge();
+            return Err((done, e));
+        }
+        done += 1;
+        if !switch_first {
+            cpu.preempt(Point::OpBoundary);
+        }
+        g.yield_to_writer(|| cpu.preempt(Point::Blocked));
     }
-    mm.end_batch(cpu);
+    drop(g);
+    cpu.sync_pcp_gauge();
     Ok(done)
 }
 
@@ -304,66 +305,6 @@ pub fn map_workload(mm: &Mm, cpu: &mut Cpu, w: &Workload) -> Result<()> {
     mm.mmap(cpu, WORKLOAD_BASE, w.size, MmapFlags { hugepage: true, ..Default::default() })
 }
 
-/// Runs `job(t, cpu)` for every CPU at once: on host threads of a rayon
-/// pool (one worker per simulated CPU, so a CPU spinning on a lock never
-/// starves the holder of a worker), or, with `deterministic`, one at a time
-/// under a seeded [`DetSched`].
-/// What one CPU's job returns: operations done, or those and the error.
-type JobResult = std::result::Result<u64, (u64, Error)>;
-
-fn run_cpus<F>(mm: &Mm, mut cpus: Vec<Cpu>, opts: &RunOptions, job: F) -> RunResult
-where
-    F: Fn(usize, &mut Cpu) -> JobResult + Sync,
-{
-    let n = cpus.len();
-    let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, mm.config().preempt));
-    if let Some(s) = &sched {
-        for (i, cpu) in cpus.iter_mut().enumerate() {
-            cpu.sched = Some(s.hook(i));
-        }
-    }
-    let pool = match rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("cpu{i}")).build() {
-        Ok(p) => p,
-        Err(e) => return finish(mm, cpus, 0.0, 0, Some(Error::Config(format!("cannot start {n} CPU threads: {e}"))), false),
-    };
-    let results: Mutex<Vec<(usize, JobResult)>> = Mutex::new(Vec::with_capacity(n));
-    let t0 = Instant::now();
-    pool.scope(|s| {
-        for (t, cpu) in cpus.iter_mut().enumerate() {
-            let (job, results, sched) = (&job, &results, &sched);
-            s.spawn(move |_| {
-                if let Some(sc) = sched {
-                    sc.wait_turn(t);
-                }
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(t, cpu)))
-                    .unwrap_or_else(|_| Err((0, Error::Config(format!("simulated CPU {t} panicked")))));
-                if let Some(sc) = sched {
-                    sc.finish(t);
-                }
-                results.lock().unwrap().push((t, r));
-            });
-        }
-    });
-    let elapsed = t0.elapsed().as_secs_f64();
-    let mut results = results.into_inner().unwrap();
-    results.sort_by_key(|(t, _)| *t);
-    let mut done = 0;
-    let mut err = None;
-    for (_, r) in results {
-        match r {
-            Ok(k) => done += k,
-            Err((k, e)) => {
-                done += k;
-                err.get_or_insert(e);
-            }
-        }
-    }
-    for cpu in cpus.iter_mut() {
-        cpu.sched = None;
-    }
-    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
-}
-
 pub(crate) fn run_parallel_workload(mm: &Mm, w: &Workload, perm: Option<&PermutationRef>, threads: usize, opts: &RunOptions) -> RunResult {
     let mut cpus: Vec<Cpu> = (0..threads).map(|i| mm.cpu(i)).collect();
     if let Err(e) = map_workload(mm, &mut cpus[0], w) {
@@ -373,22 +314,7 @@ pub(crate) fn run_parallel_workload(mm: &Mm, w: &Workload, perm: Option<&Permuta
     run_cpus(mm, cpus, opts, |t, cpu| run_share(mm, cpu, w, perm, t as u64, nt))
 }
 
-/// Runs trace operations on `nthreads` CPUs at once, each thread its own lines.
-pub(crate) fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
-    let cpus: Vec<Cpu> = (0..nthreads.max(opts.threads).max(1)).map(|i| mm.cpu(i)).collect();
-    let per: Vec<Vec<&Op>> = (0..cpus.len()).map(|t| ops.iter().filter(|o| o.thread as usize == t).collect()).collect();
-    run_cpus(mm, cpus, opts, |t, cpu| {
-        let mut n = 0u64;
-        for op in &per[t] {
-            cpu.preempt(Point::OpBoundary);
-            run_op(mm, cpu, op).map_err(|e| (n, e))?;
-            n += 1;
-        }
-        Ok(n)
-    })
-}
-
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::config::{Config, Policy};

@@ -1,0 +1,120 @@
+//! The multi-CPU runner: simulated CPUs on host threads of a rayon pool, or
+//! one at a time under the deterministic scheduler, and the result of a run.
+
+use crate::drive::sched::DetSched;
+use crate::error::Error;
+use crate::mm::vmstat::Stats;
+use crate::mm::{Cpu, Mm};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Simulated CPUs (threads). 1 runs serially.
+    pub threads: usize,
+    /// Run the CPUs with a seeded interleaving instead of host threads.
+    pub deterministic: Option<u64>,
+    /// Check the invariants at the end (and fail the run if they break).
+    pub check_invariants: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub stats: Stats,
+    /// Wall seconds spent simulating.
+    pub elapsed_s: f64,
+    /// Operations completed.
+    pub ops_done: u64,
+    /// The first error (its trace line in `Error::AtLine`); the figures are
+    /// those of what ran before it.
+    pub error: Option<Error>,
+    /// Faults handled by each CPU of the run, for fairness.
+    pub per_cpu_faults: Vec<u64>,
+}
+
+impl RunResult {
+    /// Jain's fairness index of the per-CPU faults: 1 when every CPU
+    /// handled the same number, 1/n when one CPU did all the work.
+    pub fn fairness(&self) -> f64 {
+        let n = self.per_cpu_faults.len() as f64;
+        let sum: f64 = self.per_cpu_faults.iter().map(|&x| x as f64).sum();
+        let sq: f64 = self.per_cpu_faults.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        if sq == 0.0 {
+            1.0
+        } else {
+            sum * sum / (n * sq)
+        }
+    }
+}
+
+pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut error: Option<Error>, check: bool) -> RunResult {
+    let per_cpu_faults = cpus.iter().map(|c| c.c().vm.pgfault.get()).collect();
+    drop(cpus);
+    if (check || mm.debug_vm) && error.is_none() {
+        if let Err(e) = mm.check_invariants() {
+            error = Some(Error::Invariant(e));
+        }
+    }
+    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults }
+}
+
+/// Runs `job(t, cpu)` for every CPU at once: on host threads of a rayon
+/// pool (one worker per simulated CPU, so a CPU spinning on a lock never
+/// starves the holder of a worker), or, with `deterministic`, one at a time
+/// under a seeded [`DetSched`].
+/// What one CPU's job returns: operations done, or those and the error.
+pub(crate) type JobResult = std::result::Result<u64, (u64, Error)>;
+
+pub(crate) fn run_cpus<F>(mm: &Mm, mut cpus: Vec<Cpu>, opts: &RunOptions, job: F) -> RunResult
+where
+    F: Fn(usize, &mut Cpu) -> JobResult + Sync,
+{
+    let n = cpus.len();
+    let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, mm.config().preempt));
+    if let Some(s) = &sched {
+        for (i, cpu) in cpus.iter_mut().enumerate() {
+            cpu.sched = Some(s.hook(i));
+        }
+    }
+    let pool = match rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("cpu{i}")).build() {
+        Ok(p) => p,
+        Err(e) => return finish(mm, cpus, 0.0, 0, Some(Error::Config(format!("cannot start {n} CPU threads: {e}"))), false),
+    };
+    let results: Mutex<Vec<(usize, JobResult)>> = Mutex::new(Vec::with_capacity(n));
+    let t0 = Instant::now();
+    pool.scope(|s| {
+        for (t, cpu) in cpus.iter_mut().enumerate() {
+            let (job, results, sched) = (&job, &results, &sched);
+            s.spawn(move |_| {
+                if let Some(sc) = sched {
+                    sc.wait_turn(t);
+                }
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(t, cpu)))
+                    .unwrap_or_else(|_| Err((0, Error::Config(format!("simulated CPU {t} panicked")))));
+                if let Some(sc) = sched {
+                    sc.finish(t);
+                }
+                results.lock().unwrap().push((t, r));
+            });
+        }
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|(t, _)| *t);
+    let mut done = 0;
+    let mut err = None;
+    for (_, r) in results {
+        match r {
+            Ok(k) => done += k,
+            Err((k, e)) => {
+                done += k;
+                err.get_or_insert(e);
+            }
+        }
+    }
+    for cpu in cpus.iter_mut() {
+        cpu.sched = None;
+    }
+    finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+}
+

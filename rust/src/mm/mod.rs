@@ -1,0 +1,360 @@
+//! The kernel model: one module per kernel source file it mirrors, with the
+//! kernel's names. This file holds the address space (`struct mm_struct`)
+//! and the simulated CPUs that fault into it.
+//!
+//! A simulated CPU ([`Cpu`]) is the simulator's own notion, not a kernel
+//! structure: it owns what the kernel keeps per CPU for the fault path (the
+//! per-CPU page lists, the memcg charge stock) and the counters it bumps.
+
+pub mod debug_vm;
+pub mod huge_memory;
+pub mod madvise;
+pub mod memcontrol;
+pub mod memory;
+pub mod mm_types;
+pub mod mmap;
+pub mod mmap_lock;
+pub mod page_alloc;
+pub mod pgtable;
+pub mod rmap;
+pub mod spinlock;
+pub mod swap;
+pub mod vma;
+pub mod vmstat;
+
+use crate::config::{Config, OnRace};
+use crate::error::{Error, Result};
+use crossbeam_utils::CachePadded;
+use memcontrol::MemCg;
+use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
+use page_alloc::{FailInject, PageAlloc, PerCpuPages};
+use pgtable::PageTable;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::{Arc, Mutex};
+use vma::{Vma, VmaInfo};
+use vmstat::{Counter, CpuCounters, LockCounters, Stats};
+
+/// Places in the fault path where another CPU can overtake this one; a
+/// deterministic scheduler switches CPUs there. Not kernel names: each is a
+/// window in which the kernel's CPU holds no lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// After the lockless `pte_range_none` estimate, before allocating.
+    AfterEstimate,
+    /// After the folio is allocated and charged, before the PTL.
+    AfterAlloc,
+    /// About to take the PTL.
+    BeforeLock,
+    /// Between two operations of a CPU.
+    OpBoundary,
+    /// Waiting for the mmap lock: someone else must run.
+    Blocked,
+}
+
+/// What one CPU publishes: its counters and its mmap-lock reader word.
+#[derive(Default)]
+pub struct PerCpu {
+    pub counters: CpuCounters,
+    /// Split PTE-table locks.
+    pub ptl: LockCounters,
+    /// `mm->page_table_lock`.
+    pub page_table_lock: LockCounters,
+    /// `zone->lock`.
+    pub zone_lock: LockCounters,
+    /// The mmap lock, write side.
+    pub mmap_lock: LockCounters,
+    /// Pages on this CPU's per-CPU lists.
+    pub pcp_pages: Counter,
+    reader: crate::sync::AtomicU32,
+}
+
+impl PerCpu {
+    /// Adds every figure of `o` to this record (a retiring CPU's into the
+    /// mm's record of retired CPUs).
+    fn absorb(&self, o: &PerCpu) {
+        self.counters.absorb(&o.counters);
+        for (a, b) in [(&self.ptl, &o.ptl), (&self.page_table_lock, &o.page_table_lock), (&self.zone_lock, &o.zone_lock), (&self.mmap_lock, &o.mmap_lock)] {
+            a.absorb(b);
+        }
+        self.pcp_pages.add(o.pcp_pages.get());
+    }
+}
+
+/// A simulated CPU: its per-CPU page lists, memcg stock, counters and VMA
+/// lookup cache. One thread drives a CPU at a time.
+pub struct Cpu {
+    pub id: usize,
+    pub(crate) mm: Arc<MmInner>,
+    pub(crate) pc: Arc<CachePadded<PerCpu>>,
+    pub(crate) pcp: PerCpuPages,
+    pub(crate) stock: u64,
+    pub(crate) fail: FailInject,
+    /// `vmacache` (gone from the kernel since the maple tree): the last VMA
+    /// found, valid while the tree's `seq` is `vma_seq`.
+    vma_seq: u64,
+    vma: *const Vma,
+    /// A deterministic scheduler's hook, called at each [`Point`].
+    pub sched: Option<Box<dyn FnMut(Point) + Send>>,
+}
+
+// SAFETY: `vma` is the only field that is not Send. It points into an
+// `Arc<Vma>` owned by the VMA tree of `mm`, and is dereferenced only under
+// that mm's mmap lock while the tree's `seq` equals `vma_seq` (see
+// `MmInner::lookup`), from whichever thread drives the CPU; `Vma` is Sync.
+unsafe impl Send for Cpu {}
+
+impl Cpu {
+    #[inline(always)]
+    pub(crate) fn c(&self) -> &CpuCounters {
+        &self.pc.counters
+    }
+
+    /// This CPU's published record (its reader word is what a read guard
+    /// borrows).
+    pub fn percpu(&self) -> Arc<CachePadded<PerCpu>> {
+        self.pc.clone()
+    }
+
+    #[inline(always)]
+    pub(crate) fn preempt(&mut self, p: Point) {
+        if let Some(f) = self.sched.as_mut() {
+            f(p);
+        }
+    }
+
+    /// Faults this CPU has handled.
+    pub fn faults(&self) -> u64 {
+        self.c().vm.pgfault.get()
+    }
+
+    /// Gives the per-CPU pages and the memcg stock back (`drain_local_pages`).
+    pub fn drain(&mut self) {
+        let mm = self.mm.clone();
+        mm.alloc.drain_pcp(&mut self.pcp, u64::MAX, &self.pc.zone_lock);
+        self.pc.pcp_pages.sub(self.pc.pcp_pages.get());
+        mm.memcg.drain_stock(&mut self.stock);
+    }
+
+    #[inline(always)]
+    pub(crate) fn sync_pcp_gauge(&self) {
+        let g = &self.pc.pcp_pages;
+        if g.get() != self.pcp.count {
+            g.sub(g.get());
+            g.add(self.pcp.count);
+        }
+    }
+}
+
+impl Drop for Cpu {
+    /// The CPU goes offline: its pages go back, and its record joins the
+    /// retired CPUs' so that a long-lived mm keeps one record per live CPU.
+    fn drop(&mut self) {
+        self.drain();
+        let mut cpus = self.mm.cpus.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = cpus.iter().position(|p| Arc::ptr_eq(p, &self.pc)) {
+            cpus.swap_remove(i);
+        }
+        self.mm.retired.absorb(&self.pc);
+    }
+}
+
+pub struct MmInner {
+    pub cfg: Config,
+    /// `cfg.on_race()`, resolved once.
+    pub on_race: OnRace,
+    /// `ANONFOLIO_DEBUG_VM`: check the invariants after every run.
+    pub debug_vm: bool,
+    pub pt: PageTable,
+    pub alloc: PageAlloc,
+    pub memcg: MemCg,
+    pub(crate) mmap_lock: MmapLock,
+    /// Live CPUs, whose reader words a writer waits for.
+    cpus: Mutex<Vec<Arc<CachePadded<PerCpu>>>>,
+    /// The figures of CPUs that are gone; written with `cpus` held.
+    retired: CachePadded<PerCpu>,
+    next_anon_vma: AtomicU64,
+    pub huge_zero_used: AtomicBool,
+}
+
+/// The simulated process's mm. Cheap to clone; every clone is the same mm.
+#[derive(Clone)]
+pub struct Mm {
+    pub(crate) inner: Arc<MmInner>,
+}
+
+impl std::ops::Deref for Mm {
+    type Target = MmInner;
+    fn deref(&self) -> &MmInner {
+        &self.inner
+    }
+}
+
+impl Mm {
+    /// A new, empty mm. With `ANONFOLIO_DEBUG_VM` set in the environment
+    /// (as the test suites set it) every run ends with the invariant check,
+    /// whatever the configuration says: the simulator's CONFIG_DEBUG_VM.
+    pub fn new(cfg: Config) -> Result<Mm> {
+        let debug_vm = std::env::var_os("ANONFOLIO_DEBUG_VM").is_some_and(|v| !v.is_empty() && v != "0");
+        let m = &cfg.memory;
+        if !(0.0..=1.0).contains(&cfg.preempt) {
+            return Err(Error::Config(format!("preempt probability {} is outside 0..1", cfg.preempt)));
+        }
+        if !(0.0..=1.0).contains(&m.fail_rate) {
+            return Err(Error::Config(format!("fail rate {} is outside 0..1", m.fail_rate)));
+        }
+        let alloc = PageAlloc::new(m.phys_bytes, m.fragmentation, m.seed)?;
+        let memcg = MemCg::new(m.memcg_limit_bytes);
+        Ok(Mm {
+            inner: Arc::new(MmInner {
+                pt: PageTable::default(),
+                alloc,
+                memcg,
+                mmap_lock: MmapLock::default(),
+                cpus: Mutex::new(Vec::new()),
+                retired: CachePadded::new(PerCpu::default()),
+                next_anon_vma: AtomicU64::new(1),
+                huge_zero_used: AtomicBool::new(false),
+                on_race: cfg.on_race(),
+                debug_vm,
+                cfg,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// A new simulated CPU of this mm.
+    pub fn cpu(&self, id: usize) -> Cpu {
+        let pc = Arc::new(CachePadded::new(PerCpu::default()));
+        self.cpus.lock().unwrap_or_else(|p| p.into_inner()).push(pc.clone());
+        let m = &self.cfg.memory;
+        Cpu {
+            id,
+            mm: self.inner.clone(),
+            pc,
+            pcp: PerCpuPages::default(),
+            stock: 0,
+            fail: FailInject {
+                fail_orders: m.fail_orders,
+                fail_rate: m.fail_rate,
+                rng: (m.seed ^ (id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
+            },
+            vma_seq: u64::MAX,
+            vma: std::ptr::null(),
+            sched: None,
+        }
+    }
+
+    /// One user access (a one-byte read or write at `addr`); faults as the
+    /// MMU would. Takes the mmap lock for read around it.
+    pub fn access(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
+        let pc = cpu.percpu();
+        let g = self.mmap_read_lock(&pc, cpu);
+        let r = self.access_locked(&g, cpu, addr, write);
+        drop(g);
+        cpu.sync_pcp_gauge();
+        r
+    }
+
+    /// A snapshot of all figures, summed over CPUs. Reading changes nothing.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats::default();
+        let cpus = self.cpus.lock().unwrap_or_else(|p| p.into_inner());
+        for pc in cpus.iter().map(|p| &***p).chain(std::iter::once(&*self.retired)) {
+            s.add_cpu(&pc.counters);
+            pc.ptl.add_to(&mut s.ptl);
+            pc.page_table_lock.add_to(&mut s.page_table_lock);
+            pc.zone_lock.add_to(&mut s.zone_lock);
+            pc.mmap_lock.add_to(&mut s.mmap_lock);
+            s.mem.pcp_pages += pc.pcp_pages.get();
+        }
+        drop(cpus);
+        s.mem.phys_pages = self.alloc.phys_pages;
+        s.mem.pinned_pages = self.alloc.shared.pinned.load(Relaxed);
+        s.mem.used_pages = s.vm.pgalloc.wrapping_sub(s.vm.pgfree);
+        s.mem.nr_ptes = self.pt.nr_ptes.load(Relaxed);
+        s.mem.memcg_usage = self.memcg.usage();
+        s.mem.memcg_charge_fail = self.memcg.failcnt.load(Relaxed);
+        s.mem.host_bytes = self.pt.host_bytes() + self.alloc.host_bytes();
+        s
+    }
+
+    /// The VMAs, read under the mmap lock (a reader word of its own, so any
+    /// thread may call this while CPUs run).
+    pub fn vmas(&self) -> Vec<VmaInfo> {
+        let mut cpu = self.cpu(usize::MAX);
+        let pc = cpu.percpu();
+        let g = self.mmap_read_lock(&pc, &mut cpu);
+        g.infos()
+    }
+
+    /// Live simulated CPUs (their records; retired ones are folded away).
+    pub fn nr_cpus(&self) -> usize {
+        self.cpus.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl MmInner {
+    pub(crate) fn new_anon_vma(&self) -> u64 {
+        self.next_anon_vma.fetch_add(1, Relaxed)
+    }
+
+    /// `mmap_read_lock()` for `cpu`, whose record `pc` is; a wait for a
+    /// writer is a scheduling point.
+    #[inline]
+    pub fn mmap_read_lock<'a>(&'a self, pc: &'a PerCpu, cpu: &mut Cpu) -> MmapReadGuard<'a> {
+        debug_assert!(std::ptr::eq(pc, &**cpu.pc), "the reader word must be the CPU's own");
+        self.mmap_lock.read(&pc.reader, || cpu.preempt(Point::Blocked))
+    }
+
+    /// `mmap_write_lock()` for `cpu`, counted in its figures; waits for
+    /// every live CPU's reader word.
+    pub(crate) fn mmap_write_lock<'a>(&'a self, cpu: &mut Cpu) -> MmapWriteGuard<'a> {
+        assert_eq!(
+            cpu.pc.reader.load(Relaxed),
+            0,
+            "simulated CPU {} takes the mmap lock for write while holding it for read",
+            cpu.id
+        );
+        let readers: Vec<Arc<CachePadded<PerCpu>>> = self.cpus.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        cpu.pc.mmap_lock.acquisitions.inc();
+        let (g, waits, contended) = self.mmap_lock.write(readers.iter().map(|p| &p.reader), || cpu.preempt(Point::Blocked));
+        if contended {
+            cpu.pc.mmap_lock.contended.inc();
+        }
+        cpu.pc.mmap_lock.spins.add(waits);
+        g
+    }
+
+    /// Runs `f` under the mmap write lock, as the system calls that change
+    /// VMAs do.
+    pub(crate) fn with_write_lock<T>(&self, cpu: &mut Cpu, f: impl FnOnce(&MmInner, &mut MmapWriteGuard<'_>, &mut Cpu) -> Result<T>) -> Result<T> {
+        let mut g = self.mmap_write_lock(cpu);
+        let r = f(self, &mut g, cpu);
+        cpu.sync_pcp_gauge();
+        drop(g);
+        r
+    }
+
+    /// `find_vma()` restricted to VMAs containing `addr` (`vma_lookup`),
+    /// through the CPU's one-entry cache.
+    #[inline(always)]
+    pub(crate) fn lookup<'g>(&self, g: &'g MmapReadGuard<'_>, cpu: &mut Cpu, addr: u64) -> Option<&'g Vma> {
+        if cpu.vma_seq == g.seq && !cpu.vma.is_null() {
+            // SAFETY: the pointer was taken from this tree when its `seq`
+            // was `vma_seq`; every write section bumps `seq`, so the tree is
+            // unchanged since and still owns the `Arc<Vma>`; the read guard
+            // `g` keeps writers out for `'g`.
+            let v = unsafe { &*cpu.vma };
+            if addr >= v.start && addr < v.end {
+                return Some(v);
+            }
+        }
+        let v = g.lookup(addr)?;
+        cpu.vma_seq = g.seq;
+        cpu.vma = Arc::as_ptr(v);
+        Some(v)
+    }
+}
