@@ -20,8 +20,7 @@ impl Mm {
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         // Locks taken here are not the simulated process's: uncounted.
         let lc = LockCounters::default();
-        let readers: Vec<_> = self.cpus.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (_w, _, _) = self.mmap_lock.write(readers.iter().map(|p| &p.reader), || {});
+        let (_w, _, _) = self.mmap_lock.write(|| self.live_cpus(), |p| &p.reader, || {});
         let alloc = &self.alloc;
         // head pfn -> pages of it mapped
         let mut mapped: HashMap<u64, u64> = HashMap::new();

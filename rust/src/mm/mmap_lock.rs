@@ -7,11 +7,10 @@
 //! panic inside a section releases it while unwinding.
 
 use crate::mm::vma::VmaTree;
-use crate::sync::{AtomicBool, AtomicU32};
+use crate::sync::{AtomicBool, AtomicU32, Mutex, MutexGuard};
 use std::cell::UnsafeCell;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::Ordering::*;
-use std::sync::{Mutex, MutexGuard};
 
 pub struct MmapLock {
     /// A writer holds or waits for the lock: readers back off.
@@ -67,12 +66,17 @@ impl MmapLock {
         }
     }
 
-    /// `mmap_write_lock()`: waits for the other writers, then for every word
-    /// in `readers` to clear. `on_block` runs at each wait (a deterministic
-    /// scheduler switches CPUs there); returns the guard and the waits.
-    pub fn write<'a, 'r>(
+    /// `mmap_write_lock()`: waits for the other writers, announces itself,
+    /// then waits for the reader word of every CPU that `readers` lists.
+    /// `readers` is called after the announcement, so a CPU it misses
+    /// registered later and will see the writer when it tries to read.
+    /// `on_block` runs at each wait (a deterministic scheduler switches CPUs
+    /// there); returns the guard, the waits, and whether another writer held
+    /// the lock.
+    pub fn write<'a, R>(
         &'a self,
-        readers: impl IntoIterator<Item = &'r AtomicU32>,
+        readers: impl FnOnce() -> Vec<R>,
+        word: impl Fn(&R) -> &AtomicU32,
         mut on_block: impl FnMut(),
     ) -> (MmapWriteGuard<'a>, u64, bool) {
         let mut contended = false;
@@ -95,8 +99,8 @@ impl MmapLock {
         // The guard exists from here, so a panic below still clears `writer`.
         let mut g = MmapWriteGuard { lock: self, _writers: writers };
         let mut waits = 0u64;
-        for r in readers {
-            while r.load(SeqCst) != 0 {
+        for r in readers() {
+            while word(&r).load(SeqCst) != 0 {
                 waits += 1;
                 on_block();
                 crate::sync::yield_now();
@@ -179,7 +183,7 @@ mod tests {
         let word = AtomicU32::new(0);
         let l = lock.clone();
         let r = std::thread::spawn(move || {
-            let (_g, _, _) = l.write(std::iter::empty(), || {});
+            let (_g, _, _) = l.write(Vec::<()>::new, |_| unreachable!(), || {});
             panic!("inside the write lock");
         })
         .join();
@@ -189,7 +193,7 @@ mod tests {
         assert_eq!(g.iter().count(), 0);
         drop(g);
         // And writers still get in (the poisoned mutex is recovered).
-        let (g, _, _) = lock.write([&word], || {});
+        let (g, _, _) = lock.write(|| vec![&word], |w| *w, || {});
         drop(g);
     }
 }

@@ -30,7 +30,8 @@ use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 use page_alloc::{FailInject, PageAlloc, PerCpuPages};
 use pgtable::PageTable;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use std::sync::{Arc, Mutex};
+use crate::sync::Mutex;
+use std::sync::Arc;
 use vma::{Vma, VmaInfo};
 use vmstat::{Counter, CpuCounters, LockCounters, Stats};
 
@@ -297,6 +298,11 @@ impl Mm {
 }
 
 impl MmInner {
+    /// The records of the live CPUs (for a writer to wait on).
+    fn live_cpus(&self) -> Vec<Arc<CachePadded<PerCpu>>> {
+        self.cpus.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub(crate) fn new_anon_vma(&self) -> u64 {
         self.next_anon_vma.fetch_add(1, Relaxed)
     }
@@ -318,9 +324,8 @@ impl MmInner {
             "simulated CPU {} takes the mmap lock for write while holding it for read",
             cpu.id
         );
-        let readers: Vec<Arc<CachePadded<PerCpu>>> = self.cpus.lock().unwrap_or_else(|p| p.into_inner()).clone();
         cpu.pc.mmap_lock.acquisitions.inc();
-        let (g, waits, contended) = self.mmap_lock.write(readers.iter().map(|p| &p.reader), || cpu.preempt(Point::Blocked));
+        let (g, waits, contended) = self.mmap_lock.write(|| self.live_cpus(), |p| &p.reader, || cpu.preempt(Point::Blocked));
         if contended {
             cpu.pc.mmap_lock.contended.inc();
         }

@@ -152,6 +152,7 @@ struct PteArena {
     inner: std::sync::Mutex<ArenaInner>,
 }
 
+#[cfg_attr(loom, allow(dead_code))]
 struct ArenaInner {
     chunks: Vec<(*mut u8, usize)>,
     free: Vec<*mut PteTable>,
@@ -159,6 +160,7 @@ struct ArenaInner {
     end: usize,
 }
 
+#[cfg_attr(loom, allow(dead_code))]
 const ARENA_CHUNK: usize = 32 << 20;
 
 impl PteArena {
