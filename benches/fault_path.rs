@@ -41,8 +41,16 @@ fn timed(cfg: &Config, w: &Workload, threads: usize, iters: u64) -> Duration {
 
 const ORDER0: &[&str] = &["2048kB=never"];
 const K64: &[&str] = &["64kB=always", "2048kB=never"];
-const ALL_MTHP: &[&str] =
-    &["16kB=always", "32kB=always", "64kB=always", "128kB=always", "256kB=always", "512kB=always", "1024kB=always", "2048kB=never"];
+const ALL_MTHP: &[&str] = &[
+    "16kB=always",
+    "32kB=always",
+    "64kB=always",
+    "128kB=always",
+    "256kB=always",
+    "512kB=always",
+    "1024kB=always",
+    "2048kB=never",
+];
 
 fn quick<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
     let mut g = c.benchmark_group(name);
@@ -62,7 +70,8 @@ fn sequential(c: &mut Criterion) {
 }
 
 fn disjoint_threads(c: &mut Criterion) {
-    let w = Workload { kind: WorkloadKind::Sequential, size: 1 << 30, sharing: Sharing::Disjoint, ..Default::default() };
+    let w =
+        Workload { kind: WorkloadKind::Sequential, size: 1 << 30, sharing: Sharing::Disjoint, ..Default::default() };
     let mut g = quick(c, "disjoint_threads");
     g.throughput(Throughput::Elements(w.touches()));
     for (name, modes) in [("order0", ORDER0), ("64kB", K64)] {

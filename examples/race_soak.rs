@@ -20,7 +20,12 @@ fn main() {
         cfg.policy = [Policy::Upstream, Policy::V1, Policy::Preferred][(round / 3 % 3) as usize];
         cfg.memory.phys_bytes = 1 << 30;
         let mm = Mm::new(cfg).unwrap();
-        let w = Workload { kind: WorkloadKind::Sequential, size: 64 << 20, sharing: Sharing::Interleaved, ..Default::default() };
+        let w = Workload {
+            kind: WorkloadKind::Sequential,
+            size: 64 << 20,
+            sharing: Sharing::Interleaved,
+            ..Default::default()
+        };
         let r = workload::run_workload(&mm, &w, &RunOptions { threads, deterministic: None, check_invariants: true });
         if let Some(e) = r.error {
             eprintln!("round {round}: {e}");

@@ -36,7 +36,13 @@ fn main() {
     print!("faults={} rss_bytes={}", s.faults(), s.rss_pages * 4096);
     for (o, m) in s.mthp.iter().enumerate() {
         if m.pairs().iter().any(|(_, v)| *v != 0) {
-            print!(" {}:alloc={},fallback={},split_deferred={}", config::size_name(o), m.anon_fault_alloc, m.anon_fault_fallback, m.split_deferred);
+            print!(
+                " {}:alloc={},fallback={},split_deferred={}",
+                config::size_name(o),
+                m.anon_fault_alloc,
+                m.anon_fault_fallback,
+                m.split_deferred
+            );
         }
     }
     println!(" elapsed={:.6}", r.elapsed_s);

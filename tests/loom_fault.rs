@@ -63,7 +63,14 @@ fn config(policy: Policy, sizes: &[&str]) -> Config {
 /// Runs `progs` (CPU 0 on the model's main thread), each on a CPU of one mm
 /// whose first PTE table exists (page 511 was written first, unless
 /// `fresh_table`), then checks the invariants; returns what was reached.
-fn scenario(name: &'static str, cfg: Config, bound: usize, fresh_table: bool, progs: &'static [Program], munmap_by: Option<usize>) -> Reached {
+fn scenario(
+    name: &'static str,
+    cfg: Config,
+    bound: usize,
+    fresh_table: bool,
+    progs: &'static [Program],
+    munmap_by: Option<usize>,
+) -> Reached {
     let reached = Arc::new(Mutex::new(Reached::default()));
     let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = std::time::Instant::now();
@@ -117,14 +124,19 @@ fn scenario(name: &'static str, cfg: Config, bound: usize, fresh_table: bool, pr
             let s = mm.stats();
             // Every access that did not fault away mapped its page.
             if munmap_by.is_none() {
-                let written: std::collections::BTreeSet<u64> = progs.iter().flat_map(|p| p.iter()).filter(|a| a.1).map(|a| a.0).collect();
+                let written: std::collections::BTreeSet<u64> =
+                    progs.iter().flat_map(|p| p.iter()).filter(|a| a.1).map(|a| a.0).collect();
                 assert!(s.rss_pages as usize >= written.len() + usize::from(!fresh_table), "{name}: {s:?}");
             }
             reached.lock().unwrap().add(&s, segv);
         });
     }
     let r = *reached.lock().unwrap();
-    eprintln!("{name}: {} executions in {:.1?}; reached {r:?}", runs.load(std::sync::atomic::Ordering::Relaxed), start.elapsed());
+    eprintln!(
+        "{name}: {} executions in {:.1?}; reached {r:?}",
+        runs.load(std::sync::atomic::Ordering::Relaxed),
+        start.elapsed()
+    );
     r
 }
 
@@ -135,7 +147,8 @@ const MTHP: &[&str] = &["16kB=always", "32kB=always"];
 /// finds the PTE.
 #[test]
 fn upstream_same_page() {
-    let r = scenario("upstream_same_page", config(Policy::Upstream, MTHP), 2, false, &[&[(2, true)], &[(2, true)]], None);
+    let r =
+        scenario("upstream_same_page", config(Policy::Upstream, MTHP), 2, false, &[&[(2, true)], &[(2, true)]], None);
     assert!(r.races && r.ptl_contended, "{r:?}");
 }
 
@@ -144,7 +157,14 @@ fn upstream_same_page() {
 /// maps a smaller folio.
 #[test]
 fn upstream_refault_after_lost_race() {
-    let r = scenario("upstream_refault_after_lost_race", config(Policy::Upstream, MTHP), 2, false, &[&[(5, false)], &[(2, true)]], None);
+    let r = scenario(
+        "upstream_refault_after_lost_race",
+        config(Policy::Upstream, MTHP),
+        2,
+        false,
+        &[&[(5, false)], &[(2, true)]],
+        None,
+    );
     assert!(r.races && r.refaults, "{r:?}");
 }
 
@@ -160,7 +180,14 @@ fn v1_lower_order_retry() {
 /// order 0) when the other CPU maps into both ranges, one read at a time.
 #[test]
 fn v1_lower_order_retry_twice() {
-    let r = scenario("v1_lower_order_retry_twice", config(Policy::V1, MTHP), 3, false, &[&[(2, true)], &[(7, false), (1, false)]], None);
+    let r = scenario(
+        "v1_lower_order_retry_twice",
+        config(Policy::V1, MTHP),
+        3,
+        false,
+        &[&[(2, true)], &[(7, false), (1, false)]],
+        None,
+    );
     assert!(r.retries_twice, "{r:?}");
 }
 
@@ -168,7 +195,8 @@ fn v1_lower_order_retry_twice() {
 /// refaults and falls back to order 0.
 #[test]
 fn preferred_vs_read() {
-    let r = scenario("preferred_vs_read", config(Policy::Preferred, MTHP), 2, false, &[&[(5, false)], &[(2, true)]], None);
+    let r =
+        scenario("preferred_vs_read", config(Policy::Preferred, MTHP), 2, false, &[&[(5, false)], &[(2, true)]], None);
     assert!(r.races && r.refaults, "{r:?}");
 }
 
@@ -176,7 +204,14 @@ fn preferred_vs_read() {
 /// finds the zero page and copies it (do_wp_page).
 #[test]
 fn read_vs_write_same_page() {
-    let r = scenario("read_vs_write_same_page", config(Policy::Upstream, MTHP), 2, false, &[&[(3, false)], &[(3, true)]], None);
+    let r = scenario(
+        "read_vs_write_same_page",
+        config(Policy::Upstream, MTHP),
+        2,
+        false,
+        &[&[(3, false)], &[(3, true)]],
+        None,
+    );
     assert!(r.wp_copy && r.races, "{r:?}");
 }
 
@@ -184,7 +219,8 @@ fn read_vs_write_same_page() {
 /// loser of `pmd_install` frees its copy (the checker finds no second table).
 #[test]
 fn pte_table_install_race() {
-    let r = scenario("pte_table_install_race", config(Policy::Upstream, &[]), 2, true, &[&[(0, true)], &[(1, true)]], None);
+    let r =
+        scenario("pte_table_install_race", config(Policy::Upstream, &[]), 2, true, &[&[(0, true)], &[(1, true)]], None);
     assert!(!r.races, "order-0 writes to different pages cannot lose: {r:?}");
 }
 

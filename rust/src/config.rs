@@ -244,9 +244,9 @@ impl Config {
 
     /// Applies `SIZE=MODE` as `--thp` takes it.
     pub fn set_size_mode(&mut self, spec: &str) -> Result<()> {
-        let (size, mode) = spec
-            .split_once('=')
-            .ok_or_else(|| Error::Config(format!("malformed --thp {spec:?} (want SIZE=always|inherit|madvise|never)")))?;
+        let (size, mode) = spec.split_once('=').ok_or_else(|| {
+            Error::Config(format!("malformed --thp {spec:?} (want SIZE=always|inherit|madvise|never)"))
+        })?;
         let order = parse_thp_size(size)?;
         self.sizes[order] = SizeMode::parse(mode)?;
         Ok(())

@@ -230,9 +230,21 @@ fn open_uffd() -> Result<libc::c_int> {
 #[derive(Clone, Copy, Debug)]
 enum Raw {
     /// `advice` is 0 or a MADV_* value applied after the mmap.
-    Mmap { p: *mut u8, len: usize, advice: libc::c_int, uffd_wp: bool },
-    Munmap { p: *mut u8, len: usize },
-    Madvise { p: *mut u8, len: usize, advice: libc::c_int },
+    Mmap {
+        p: *mut u8,
+        len: usize,
+        advice: libc::c_int,
+        uffd_wp: bool,
+    },
+    Munmap {
+        p: *mut u8,
+        len: usize,
+    },
+    Madvise {
+        p: *mut u8,
+        len: usize,
+        advice: libc::c_int,
+    },
     Write(*mut u8),
     Read(*const u8),
 }
@@ -279,9 +291,18 @@ fn run_ops(ops: &[RawOp], uffd: libc::c_int) -> Option<LoopError> {
                         return Some(LoopError { line: op.line, what: "madvise after mmap", errno: errno() });
                     }
                     if uffd_wp {
-                        let mut reg = UffdioRegister { start: p as u64, len: len as u64, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+                        let mut reg = UffdioRegister {
+                            start: p as u64,
+                            len: len as u64,
+                            mode: UFFDIO_REGISTER_MODE_WP,
+                            ioctls: 0,
+                        };
                         if libc::ioctl(uffd, UFFDIO_REGISTER as _, &mut reg as *mut UffdioRegister) != 0 {
-                            return Some(LoopError { line: op.line, what: "UFFDIO_REGISTER (write-protect mode)", errno: errno() });
+                            return Some(LoopError {
+                                line: op.line,
+                                what: "UFFDIO_REGISTER (write-protect mode)",
+                                errno: errno(),
+                            });
                         }
                     }
                 }
@@ -329,7 +350,9 @@ fn measured(ops: &[RawOp], uffd: libc::c_int) -> (u64, f64, Option<LoopError>) {
 
 fn op_range(k: &OpKind) -> (u64, u64) {
     match *k {
-        OpKind::Mmap { addr, len, .. } | OpKind::Munmap { addr, len } | OpKind::Madvise { addr, len, .. } => (addr, addr + len),
+        OpKind::Mmap { addr, len, .. } | OpKind::Munmap { addr, len } | OpKind::Madvise { addr, len, .. } => {
+            (addr, addr + len)
+        }
         OpKind::Write { addr } | OpKind::Read { addr } => (addr, addr + 1),
     }
 }
@@ -491,7 +514,9 @@ fn translate(ops: &[Op]) -> Result<(Reservation, Vec<RawOp>)> {
                     uffd_wp: flags.uffd_wp,
                 },
                 OpKind::Munmap { addr, len } => Raw::Munmap { p: tr(addr), len: len as usize },
-                OpKind::Madvise { addr, len, advice } => Raw::Madvise { p: tr(addr), len: len as usize, advice: advice_value(advice) },
+                OpKind::Madvise { addr, len, advice } => {
+                    Raw::Madvise { p: tr(addr), len: len as usize, advice: advice_value(advice) }
+                }
                 OpKind::Write { addr } => Raw::Write(tr(addr)),
                 OpKind::Read { addr } => Raw::Read(tr(addr)),
             };
@@ -705,7 +730,8 @@ fn warm_up(with_uffd: bool) -> Result<()> {
         kinds.push(m(b + 24 * PAGE, MmapFlags { uffd_wp: true, ..Default::default() }));
         kinds.push(OpKind::Write { addr: b + 24 * PAGE });
     }
-    let ops: Vec<Op> = kinds.into_iter().enumerate().map(|(i, kind)| Op { thread: 0, line: i as u32 + 1, kind }).collect();
+    let ops: Vec<Op> =
+        kinds.into_iter().enumerate().map(|(i, kind)| Op { thread: 0, line: i as u32 + 1, kind }).collect();
     let uffd = Fd(if with_uffd { open_uffd()? } else { -1 });
     let (res, raw) = translate(&ops)?;
     let (_, _, err) = measured(&raw, uffd.0);
@@ -751,7 +777,10 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
     let (rss_bytes, anon_huge_bytes) = smaps_rss(res.lo, res.lo + res.len)?;
 
     if let Some(e) = err {
-        return Err(Error::AtLine(e.line, Box::new(Error::Oracle(format!("{} failed: {}", e.what, strerror(e.errno))))));
+        return Err(Error::AtLine(
+            e.line,
+            Box::new(Error::Oracle(format!("{} failed: {}", e.what, strerror(e.errno)))),
+        ));
     }
     // Unregister (closing the userfaultfd) and unmap only after measuring.
     drop(uffd);

@@ -40,9 +40,15 @@ pub fn bytes_arg(py: Python<'_>, what: &str, v: &Bound<'_, PyAny>) -> PyResult<u
         });
     }
     if v.is_instance_of::<PyInt>() || v.hasattr("__index__")? {
-        return v
-            .extract::<u64>()
-            .map_err(|_| config_err(py, format!("{what}: {} is not a byte count (0 .. 2**64-1)", v.repr().map(|r| r.to_string()).unwrap_or_default())));
+        return v.extract::<u64>().map_err(|_| {
+            config_err(
+                py,
+                format!(
+                    "{what}: {} is not a byte count (0 .. 2**64-1)",
+                    v.repr().map(|r| r.to_string()).unwrap_or_default()
+                ),
+            )
+        });
     }
     Err(PyTypeError::new_err(format!("{what}: expected an int or a string like '64K', got {}", v.get_type().name()?)))
 }
@@ -55,12 +61,21 @@ fn str_arg(py: Python<'_>, what: &str, v: &Bound<'_, PyAny>) -> PyResult<String>
 }
 
 fn bool_arg(py: Python<'_>, what: &str, v: &Bound<'_, PyAny>) -> PyResult<bool> {
-    v.extract::<bool>()
-        .map_err(|_| config_err(py, format!("{what}: expected True or False, got {}", v.get_type().name().map(|n| n.to_string()).unwrap_or_default())))
+    v.extract::<bool>().map_err(|_| {
+        config_err(
+            py,
+            format!(
+                "{what}: expected True or False, got {}",
+                v.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+            ),
+        )
+    })
 }
 
 fn fraction_arg(py: Python<'_>, what: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
-    if v.is_instance_of::<PyBool>() || !(v.is_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>() || v.hasattr("__float__")?) {
+    if v.is_instance_of::<PyBool>()
+        || !(v.is_instance_of::<PyFloat>() || v.is_instance_of::<PyInt>() || v.hasattr("__float__")?)
+    {
         return Err(config_err(py, format!("{what}: expected a number between 0 and 1")));
     }
     let f: f64 = v.extract().map_err(|_| config_err(py, format!("{what}: expected a number between 0 and 1")))?;
@@ -72,7 +87,15 @@ fn fraction_arg(py: Python<'_>, what: &str, v: &Bound<'_, PyAny>) -> PyResult<f6
 
 /// A buddy order given as an int (0..=MAX_PAGE_ORDER) or a size (`"64kB"`).
 fn order_arg(py: Python<'_>, v: &Bound<'_, PyAny>) -> PyResult<usize> {
-    let bad = || config_err(py, format!("fail_orders: {} is neither an order 0..{MAX_PAGE_ORDER} nor a size 4kB..4096kB", v.repr().map(|r| r.to_string()).unwrap_or_default()));
+    let bad = || {
+        config_err(
+            py,
+            format!(
+                "fail_orders: {} is neither an order 0..{MAX_PAGE_ORDER} nor a size 4kB..4096kB",
+                v.repr().map(|r| r.to_string()).unwrap_or_default()
+            ),
+        )
+    };
     if v.is_instance_of::<PyBool>() {
         return Err(bad());
     }
@@ -125,7 +148,8 @@ fn apply_field(py: Python<'_>, cfg: &mut Config, key: &str, v: &Bound<'_, PyAny>
         "policy" => cfg.policy = Policy::parse(&str_arg(py, key, v)?).py_err(py)?,
         "preempt" => cfg.preempt = fraction_arg(py, key, v)?,
         "on_race" => {
-            cfg.on_race = if v.is_none() { None } else { Some(anonfolio::OnRace::parse(&str_arg(py, key, v)?).py_err(py)?) }
+            cfg.on_race =
+                if v.is_none() { None } else { Some(anonfolio::OnRace::parse(&str_arg(py, key, v)?).py_err(py)?) }
         }
         "memory" => {
             let b = bytes_arg(py, key, v)?;
@@ -144,7 +168,10 @@ fn apply_field(py: Python<'_>, cfg: &mut Config, key: &str, v: &Bound<'_, PyAny>
                 if v.is_instance_of::<PyString>() || v.is_instance_of::<PyInt>() {
                     mask |= 1 << order_arg(py, v)?;
                 } else {
-                    for o in v.try_iter().map_err(|_| config_err(py, "fail_orders: expected a sequence of orders or sizes"))? {
+                    for o in v
+                        .try_iter()
+                        .map_err(|_| config_err(py, "fail_orders: expected a sequence of orders or sizes"))?
+                    {
                         mask |= 1 << order_arg(py, &o?)?;
                     }
                 }

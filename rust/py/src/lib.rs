@@ -62,7 +62,9 @@ fn normalize_config<'py>(
 /// Raises TraceError (or RangeError) naming the first bad line.
 #[pyfunction]
 fn check_trace(py: Python<'_>, trace: String) -> PyResult<usize> {
-    let r = py.allow_threads(move || errors::guard(move || anonfolio::trace::parse(&trace).map(|ops| ops.len()).map_err(anonfolio::Error::from)));
+    let r = py.allow_threads(move || {
+        errors::guard(move || anonfolio::trace::parse(&trace).map(|ops| ops.len()).map_err(anonfolio::Error::from))
+    });
     match r {
         Ok(v) => v.py_err(py),
         Err(p) => Err(p.into_pyerr(py)),

@@ -108,7 +108,15 @@ impl Simulator {
     }
 
     #[pyo3(signature = (addr, length, *, hugepage = false, nohugepage = false, uffd_wp = false))]
-    fn mmap(&self, py: Python<'_>, addr: u64, length: &Bound<'_, PyAny>, hugepage: bool, nohugepage: bool, uffd_wp: bool) -> PyResult<()> {
+    fn mmap(
+        &self,
+        py: Python<'_>,
+        addr: u64,
+        length: &Bound<'_, PyAny>,
+        hugepage: bool,
+        nohugepage: bool,
+        uffd_wp: bool,
+    ) -> PyResult<()> {
         let len = bytes_arg(py, "length", length)?;
         if hugepage && nohugepage {
             return Err(new_err(py, Kind::Range, "mmap cannot be both hugepage and nohugepage".into(), &[]));
@@ -149,7 +157,9 @@ impl Simulator {
                 Err(_) => a.as_array().iter().copied().collect(),
             },
             Err(_) => addrs.extract::<Vec<u64>>().map_err(|_| {
-                pyo3::exceptions::PyTypeError::new_err("addrs: expected a 1-D array of uint64 or a sequence of ints >= 0")
+                pyo3::exceptions::PyTypeError::new_err(
+                    "addrs: expected a 1-D array of uint64 or a sequence of ints >= 0",
+                )
             })?,
         };
         let mm: &Mm = &self.mm;

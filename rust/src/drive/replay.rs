@@ -35,7 +35,6 @@ fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> 
     })
 }
 
-
 /// The PROT_NONE reservation a trace is placed in (as the kernel oracle
 /// places it): its mmaps' span rounded out to 2 MiB, plus 2 MiB each side.
 pub fn trace_span(ops: &[Op]) -> Option<(u64, u64)> {
@@ -102,7 +101,11 @@ mod tests {
         }
         c.memory.phys_bytes = 64 << 20;
         let mm = Mm::new(c).unwrap();
-        let r = replay(&mm, &parse(RACE).unwrap(), &RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true });
+        let r = replay(
+            &mm,
+            &parse(RACE).unwrap(),
+            &RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true },
+        );
         assert!(r.error.is_none(), "{:?}", r.error);
         r
     }
@@ -166,7 +169,8 @@ mod policy_tests {
         c.check_invariants = true;
         let mm = Mm::new(c).unwrap();
         let t = "mmap 0x7f0000000000 0x200000 nohugepage\nw 0x7f0000005000\nmadvise 0x7f0000000000 0x200000 hugepage\nw 0x7f0000000000\n";
-        let r = replay(&mm, &parse(t).unwrap(), &RunOptions { threads: 1, check_invariants: true, ..Default::default() });
+        let r =
+            replay(&mm, &parse(t).unwrap(), &RunOptions { threads: 1, check_invariants: true, ..Default::default() });
         assert!(r.error.is_none(), "{:?}", r.error);
         r.stats.folio_orders
     }

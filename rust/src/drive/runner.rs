@@ -47,7 +47,14 @@ impl RunResult {
     }
 }
 
-pub(crate) fn finish(mm: &Mm, cpus: Vec<Cpu>, elapsed_s: f64, ops_done: u64, mut error: Option<Error>, check: bool) -> RunResult {
+pub(crate) fn finish(
+    mm: &Mm,
+    cpus: Vec<Cpu>,
+    elapsed_s: f64,
+    ops_done: u64,
+    mut error: Option<Error>,
+    check: bool,
+) -> RunResult {
     let per_cpu_faults = cpus.iter().map(|c| c.c().vm.pgfault.get()).collect();
     drop(cpus);
     if (check || mm.debug_vm) && error.is_none() {
@@ -78,7 +85,9 @@ where
     }
     let pool = match rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("cpu{i}")).build() {
         Ok(p) => p,
-        Err(e) => return finish(mm, cpus, 0.0, 0, Some(Error::Config(format!("cannot start {n} CPU threads: {e}"))), false),
+        Err(e) => {
+            return finish(mm, cpus, 0.0, 0, Some(Error::Config(format!("cannot start {n} CPU threads: {e}"))), false)
+        }
     };
     let results: Mutex<Vec<(usize, JobResult)>> = Mutex::new(Vec::with_capacity(n));
     let t0 = Instant::now();
@@ -117,4 +126,3 @@ where
     }
     finish(mm, cpus, elapsed, done, err, opts.check_invariants)
 }
-

@@ -305,7 +305,13 @@ pub fn map_workload(mm: &Mm, cpu: &mut Cpu, w: &Workload) -> Result<()> {
     mm.mmap(cpu, WORKLOAD_BASE, w.size, MmapFlags { hugepage: true, ..Default::default() })
 }
 
-pub(crate) fn run_parallel_workload(mm: &Mm, w: &Workload, perm: Option<&PermutationRef>, threads: usize, opts: &RunOptions) -> RunResult {
+pub(crate) fn run_parallel_workload(
+    mm: &Mm,
+    w: &Workload,
+    perm: Option<&PermutationRef>,
+    threads: usize,
+    opts: &RunOptions,
+) -> RunResult {
     let mut cpus: Vec<Cpu> = (0..threads).map(|i| mm.cpu(i)).collect();
     if let Err(e) = map_workload(mm, &mut cpus[0], w) {
         return finish(mm, cpus, 0.0, 0, Some(e), false);
@@ -339,7 +345,8 @@ mod tests {
     #[test]
     fn patterns_touch_what_they_say() {
         let c = || cfg(Policy::Upstream, &["2048kB=never"]);
-        let mk = |kind, stride, fraction| Workload { kind, size: 4 << 20, stride, fraction, seed: 3, ..Default::default() };
+        let mk =
+            |kind, stride, fraction| Workload { kind, size: 4 << 20, stride, fraction, seed: 3, ..Default::default() };
         assert_eq!(run(c(), &mk(WorkloadKind::Sequential, 1, 0.0), 1, None).stats.faults(), 1024);
         assert_eq!(run(c(), &mk(WorkloadKind::Reverse, 1, 0.0), 1, None).stats.faults(), 1024);
         assert_eq!(run(c(), &mk(WorkloadKind::Stride, 3, 0.0), 1, None).stats.faults(), 342);

@@ -71,7 +71,10 @@ impl Mm {
                     let order = pte_order(pte);
                     let head = pfn & !((1u64 << order) - 1);
                     if pfn >= alloc.phys_pages {
-                        return Err(format!("PTE at {:#x} maps pfn {pfn:#x}, outside memory", addr + i as u64 * PAGE_SIZE));
+                        return Err(format!(
+                            "PTE at {:#x} maps pfn {pfn:#x}, outside memory",
+                            addr + i as u64 * PAGE_SIZE
+                        ));
                     }
                     let hp = alloc.page(head);
                     if hp.info() & PG_HEAD == 0 || hp.order() != order {

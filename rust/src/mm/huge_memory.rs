@@ -81,7 +81,14 @@ impl MmInner {
     }
 
     /// `do_huge_pmd_anonymous_page()`. `None` is VM_FAULT_FALLBACK.
-    pub(crate) fn do_huge_pmd_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Option<Fault>> {
+    pub(crate) fn do_huge_pmd_anonymous_page(
+        &self,
+        cpu: &mut Cpu,
+        vma: &Vma,
+        pmd: &AtomicU64,
+        addr: u64,
+        write: bool,
+    ) -> VmResult<Option<Fault>> {
         let haddr = align_down(addr, PMD_SIZE);
         if haddr < vma.start || haddr + PMD_SIZE > vma.end {
             return Ok(None);

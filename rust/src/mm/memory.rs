@@ -79,7 +79,14 @@ impl MmInner {
 
     /// `handle_mm_fault()` / `__handle_mm_fault()`.
     /// `pmd` is the entry the MMU's walk found, if the tables down to it exist.
-    pub(crate) fn handle_mm_fault(&self, cpu: &mut Cpu, vma: &Vma, addr: u64, write: bool, pmd: Option<&AtomicU64>) -> VmResult<Fault> {
+    pub(crate) fn handle_mm_fault(
+        &self,
+        cpu: &mut Cpu,
+        vma: &Vma,
+        addr: u64,
+        write: bool,
+        pmd: Option<&AtomicU64>,
+    ) -> VmResult<Fault> {
         cpu.c().vm.pgfault.inc();
         let pmd = match pmd {
             Some(p) => p,
@@ -196,7 +203,14 @@ impl MmInner {
     /// `alloc_anon_folio()` of the configured policy: a charged folio and
     /// its order. `max_order` caps the order (v1's retry one order lower).
     #[inline]
-    fn alloc_anon_folio(&self, cpu: &mut Cpu, vma: &Vma, t: &PteTable, addr: u64, max_order: usize) -> VmResult<(u64, usize)> {
+    fn alloc_anon_folio(
+        &self,
+        cpu: &mut Cpu,
+        vma: &Vma,
+        t: &PteTable,
+        addr: u64,
+        max_order: usize,
+    ) -> VmResult<(u64, usize)> {
         // userfaultfd_armed(): per-page fidelity, order 0.
         let orders = if vma.flags.uffd_wp { 0 } else { vma.orders & ((1 << PMD_ORDER) - 1) & ((2 << max_order) - 1) };
         if orders != 0 {
@@ -368,7 +382,10 @@ impl MmInner {
             // folio_pte_batch(): the following entries map the next pages
             // of the same folio.
             let mut nr = 1usize;
-            while i + nr < to && t.get(i + nr) == pte + ((nr as u64) << PTE_PFN_SHIFT) && (pfn + nr as u64) < head + (1 << order) {
+            while i + nr < to
+                && t.get(i + nr) == pte + ((nr as u64) << PTE_PFN_SHIFT)
+                && (pfn + nr as u64) < head + (1 << order)
+            {
                 t.ptep_get_and_clear(i + nr);
                 nr += 1;
             }

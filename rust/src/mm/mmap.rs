@@ -2,9 +2,9 @@
 //! `do_vmi_munmap`), on private anonymous memory.
 
 use crate::error::Result;
+use crate::mm::vma::VmFlags;
 use crate::mm::{Cpu, Mm};
 use crate::trace::{check_range, Advice, MmapFlags};
-use crate::mm::vma::VmFlags;
 
 impl Mm {
     /// `mmap(addr, len, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED_NOREPLACE)`,

@@ -24,13 +24,13 @@ pub mod vmstat;
 
 use crate::config::{Config, OnRace};
 use crate::error::{Error, Result};
+use crate::sync::Mutex;
 use crossbeam_utils::CachePadded;
 use memcontrol::MemCg;
 use mmap_lock::{MmapLock, MmapReadGuard, MmapWriteGuard};
 use page_alloc::{FailInject, PageAlloc, PerCpuPages};
 use pgtable::PageTable;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
-use crate::sync::Mutex;
 use std::sync::Arc;
 use vma::{Vma, VmaInfo};
 use vmstat::{Counter, CpuCounters, LockCounters, Stats};
@@ -74,7 +74,12 @@ impl PerCpu {
     /// mm's record of retired CPUs).
     fn absorb(&self, o: &PerCpu) {
         self.counters.absorb(&o.counters);
-        for (a, b) in [(&self.ptl, &o.ptl), (&self.page_table_lock, &o.page_table_lock), (&self.zone_lock, &o.zone_lock), (&self.mmap_lock, &o.mmap_lock)] {
+        for (a, b) in [
+            (&self.ptl, &o.ptl),
+            (&self.page_table_lock, &o.page_table_lock),
+            (&self.zone_lock, &o.zone_lock),
+            (&self.mmap_lock, &o.mmap_lock),
+        ] {
             a.absorb(b);
         }
         self.pcp_pages.add(o.pcp_pages.get());
@@ -325,7 +330,8 @@ impl MmInner {
             cpu.id
         );
         cpu.pc.mmap_lock.acquisitions.inc();
-        let (g, waits, contended) = self.mmap_lock.write(|| self.live_cpus(), |p| &p.reader, || cpu.preempt(Point::Blocked));
+        let (g, waits, contended) =
+            self.mmap_lock.write(|| self.live_cpus(), |p| &p.reader, || cpu.preempt(Point::Blocked));
         if contended {
             cpu.pc.mmap_lock.contended.inc();
         }
@@ -335,7 +341,11 @@ impl MmInner {
 
     /// Runs `f` under the mmap write lock, as the system calls that change
     /// VMAs do.
-    pub(crate) fn with_write_lock<T>(&self, cpu: &mut Cpu, f: impl FnOnce(&MmInner, &mut MmapWriteGuard<'_>, &mut Cpu) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_write_lock<T>(
+        &self,
+        cpu: &mut Cpu,
+        f: impl FnOnce(&MmInner, &mut MmapWriteGuard<'_>, &mut Cpu) -> Result<T>,
+    ) -> Result<T> {
         let mut g = self.mmap_write_lock(cpu);
         let r = f(self, &mut g, cpu);
         cpu.sync_pcp_gauge();

@@ -174,7 +174,9 @@ impl PageAlloc {
             return Err(Error::Config(format!("physical memory {phys_bytes} is smaller than one {block}-byte block")));
         }
         if phys_pages > u32::MAX as u64 {
-            return Err(Error::Config(format!("physical memory {phys_bytes} is above the 16 TiB this simulator can address")));
+            return Err(Error::Config(format!(
+                "physical memory {phys_bytes} is above the 16 TiB this simulator can address"
+            )));
         }
         if !(0.0..=1.0).contains(&fragmentation) {
             return Err(Error::Config(format!("fragmentation {fragmentation} is outside 0..1")));
@@ -224,9 +226,10 @@ impl PageAlloc {
                 // A whole free block that fits in the batch is split into
                 // `order` pieces at once: the same pages __rmqueue_smallest()
                 // would hand out one by one, without the intermediate lists.
-                if let Some(o) = (order + 1..=MAX_PAGE_ORDER).find(|&o| !z.free[o].is_empty()).filter(|&o| {
-                    z.free[order].is_empty() && (1u64 << (o - order)) <= n - got
-                }) {
+                if let Some(o) = (order + 1..=MAX_PAGE_ORDER)
+                    .find(|&o| !z.free[o].is_empty())
+                    .filter(|&o| z.free[order].is_empty() && (1u64 << (o - order)) <= n - got)
+                {
                     let head = z.free[o].pop().expect("non-empty") as u64;
                     self.page(head).set_info(0);
                     z.nr_free -= 1 << o;

@@ -104,7 +104,10 @@ pub struct PteTable {
 impl PteTable {
     #[cfg(loom)]
     fn boxed() -> Box<PteTable> {
-        Box::new(PteTable { ptl: CachePadded::new(SpinLock::new(())), ptes: std::array::from_fn(|_| AtomicU64::new(0)) })
+        Box::new(PteTable {
+            ptl: CachePadded::new(SpinLock::new(())),
+            ptes: std::array::from_fn(|_| AtomicU64::new(0)),
+        })
     }
 
     /// `ptep_get_lockless()`.

@@ -143,12 +143,8 @@ impl VmaTree {
     /// Removes `[start, end)` from the reservation (mmap over it, or munmap);
     /// returns the extent of what it removed.
     fn unreserve(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
-        let hit: Vec<(u64, u64)> = self
-            .reserved
-            .range(..end)
-            .filter(|(_, &e)| e > start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let hit: Vec<(u64, u64)> =
+            self.reserved.range(..end).filter(|(_, &e)| e > start).map(|(&s, &e)| (s, e)).collect();
         let mut extent: Option<(u64, u64)> = None;
         for (s, e) in hit {
             self.reserved.remove(&s);
@@ -174,12 +170,16 @@ impl VmaTree {
     /// overlapping an existing VMA is an error here).
     /// Returns what a MAP_FIXED mmap over reservation pieces unmapped first,
     /// as `(start, end, floor, ceiling)` for `free_pgtables()`.
-    pub fn mmap(&mut self, start: u64, len: u64, flags: VmFlags, orders: impl Fn(VmFlags) -> u32) -> Result<Option<(u64, u64, u64, u64)>> {
+    pub fn mmap(
+        &mut self,
+        start: u64,
+        len: u64,
+        flags: VmFlags,
+        orders: impl Fn(VmFlags) -> u32,
+    ) -> Result<Option<(u64, u64, u64, u64)>> {
         let end = start + len;
         if self.overlaps(start, end) {
-            return Err(Error::Overlap(format!(
-                "mmap {start:#x}+{len:#x} overlaps an existing mapping"
-            )));
+            return Err(Error::Overlap(format!("mmap {start:#x}+{len:#x} overlaps an existing mapping")));
         }
         // The neighbours outside the range bound the page tables freed with
         // the replaced pieces (vms_gather_munmap_vmas: prev end, next start).
@@ -251,7 +251,13 @@ impl VmaTree {
 
     /// `vma_modify_flags()` over the mapped parts of `[start, end)`; returns
     /// false if part of the range was unmapped.
-    pub fn vma_modify_flags(&mut self, start: u64, end: u64, orders: impl Fn(VmFlags) -> u32, change: impl Fn(&mut VmFlags)) -> bool {
+    pub fn vma_modify_flags(
+        &mut self,
+        start: u64,
+        end: u64,
+        orders: impl Fn(VmFlags) -> u32,
+        change: impl Fn(&mut VmFlags),
+    ) -> bool {
         let pieces = self.pieces(start, end);
         let covered: u64 = pieces.iter().map(|(s, e)| e - s).sum();
         for (s, e) in pieces {

@@ -16,7 +16,14 @@ pub fn anon_folio_order(orders: u32) -> usize {
 
 /// The preferred order if it fits in the VMA and its range is all none,
 /// allocated and charged; `None` is the order-0 fallback.
-pub fn alloc_anon_folio(mm: &MmInner, cpu: &mut Cpu, vma: &Vma, t: &PteTable, addr: u64, orders: u32) -> Option<(u64, usize)> {
+pub fn alloc_anon_folio(
+    mm: &MmInner,
+    cpu: &mut Cpu,
+    vma: &Vma,
+    t: &PteTable,
+    addr: u64,
+    orders: u32,
+) -> Option<(u64, usize)> {
     let order = anon_folio_order(orders);
     let a = align_down(addr, PAGE_SIZE << order);
     let fits = thp_vma_suitable_order(vma, addr, order) && t.pte_range_none(pte_index(a), 1 << order);

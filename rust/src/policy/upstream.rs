@@ -11,7 +11,14 @@ use crate::PAGE_SIZE;
 /// The large-folio part of `alloc_anon_folio()`: a charged folio and its
 /// order, or `None` for the order-0 fallback.
 #[inline]
-pub fn alloc_anon_folio(mm: &MmInner, cpu: &mut Cpu, vma: &Vma, t: &PteTable, addr: u64, mut orders: u32) -> Option<(u64, usize)> {
+pub fn alloc_anon_folio(
+    mm: &MmInner,
+    cpu: &mut Cpu,
+    vma: &Vma,
+    t: &PteTable,
+    addr: u64,
+    mut orders: u32,
+) -> Option<(u64, usize)> {
     // thp_vma_suitable_orders(): drop orders until one fits in the VMA.
     let mut order = highest_order(orders);
     while orders != 0 && !thp_vma_suitable_order(vma, addr, order) {

@@ -44,7 +44,14 @@ pub fn calc_anon_folio_order_alloc(vma: &Vma, t: &PteTable, addr: u64, mut order
 /// v1's allocation in `do_anonymous_page`: `max_anon_folio_order()` is the
 /// highest order in `orders`; then `calc_anon_folio_order_alloc()` and
 /// `try_vma_alloc_movable_folio()`. `None` is the order-0 fallback.
-pub fn alloc_anon_folio(mm: &MmInner, cpu: &mut Cpu, vma: &Vma, t: &PteTable, addr: u64, orders: u32) -> VmResult<Option<(u64, usize)>> {
+pub fn alloc_anon_folio(
+    mm: &MmInner,
+    cpu: &mut Cpu,
+    vma: &Vma,
+    t: &PteTable,
+    addr: u64,
+    orders: u32,
+) -> VmResult<Option<(u64, usize)>> {
     let mut order = calc_anon_folio_order_alloc(vma, t, addr, highest_order(orders));
     cpu.preempt(Point::AfterEstimate);
     // try_vma_alloc_movable_folio(): every order down to 2.

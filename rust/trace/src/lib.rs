@@ -123,7 +123,9 @@ pub fn check_range(addr: u64, len: u64, lineno: usize) -> Result<()> {
     }
     match addr.checked_add(len) {
         Some(end) if end <= TASK_SIZE => Ok(()),
-        _ => Err(Error::InvalidRange(format!("{at}range {addr:#x}+{len:#x} is outside user space (below {TASK_SIZE:#x})"))),
+        _ => Err(Error::InvalidRange(format!(
+            "{at}range {addr:#x}+{len:#x} is outside user space (below {TASK_SIZE:#x})"
+        ))),
     }
 }
 
@@ -231,7 +233,10 @@ mod tests {
         let ops = parse("# c\n\nmmap 0x1000 8192 hugepage uffd-wp\n@3 w 0x1fff\nr 4096 # x\nmadvise 0x1000 0x1000 dontneed\nmunmap 0x1000 0x2000\n").unwrap();
         assert_eq!(ops.len(), 5);
         assert_eq!(ops[0].line, 3);
-        assert!(matches!(ops[0].kind, OpKind::Mmap { addr: 0x1000, len: 8192, flags: MmapFlags { hugepage: true, uffd_wp: true, .. } }));
+        assert!(matches!(
+            ops[0].kind,
+            OpKind::Mmap { addr: 0x1000, len: 8192, flags: MmapFlags { hugepage: true, uffd_wp: true, .. } }
+        ));
         assert_eq!(ops[1].thread, 3);
         assert!(matches!(ops[1].kind, OpKind::Write { addr: 0x1fff }));
     }
