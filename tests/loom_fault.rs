@@ -50,8 +50,7 @@ impl Reached {
 }
 
 fn config(policy: Policy, sizes: &[&str]) -> Config {
-    let mut c = Config::default();
-    c.policy = policy;
+    let mut c = Config { policy, ..Default::default() };
     for s in sizes {
         c.set_size_mode(s).unwrap();
     }

@@ -264,11 +264,16 @@ struct LoopError {
 }
 
 /// The bare replay loop. Returns the first error, if any.
+///
+/// # Safety
+/// Every pointer in `ops` must lie inside a reservation this process owns
+/// and that nothing else uses, and every access must fall inside a mapping
+/// an earlier op of `ops` made (what `translate` and `check_vmas` ensure).
 #[inline(never)]
-fn run_ops(ops: &[RawOp], uffd: libc::c_int) -> Option<LoopError> {
+unsafe fn run_ops(ops: &[RawOp], uffd: libc::c_int) -> Option<LoopError> {
     for op in ops {
-        // SAFETY: every pointer lies inside the reservation and every access
-        // inside a VMA the trace mapped (checked by `check_vmas`).
+        // SAFETY: by the contract above, every mmap/munmap/madvise covers
+        // only the reservation, and every access hits a live mapping.
         unsafe {
             match op.raw {
                 Raw::Write(p) => std::ptr::write_volatile(p, 1u8),
@@ -328,18 +333,23 @@ fn run_ops(ops: &[RawOp], uffd: libc::c_int) -> Option<LoopError> {
 }
 
 fn thread_minflt() -> u64 {
-    // SAFETY: rusage is plain old data; getrusage fills it.
+    // SAFETY: rusage is plain old data, for which all-zero bytes are valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for getrusage to fill.
     unsafe { libc::getrusage(RUSAGE_THREAD, &mut ru) };
     ru.ru_minflt as u64
 }
 
 /// The measured section: faults and wall time around `run_ops`.
+///
+/// # Safety
+/// As for [`run_ops`].
 #[inline(never)]
-fn measured(ops: &[RawOp], uffd: libc::c_int) -> (u64, f64, Option<LoopError>) {
+unsafe fn measured(ops: &[RawOp], uffd: libc::c_int) -> (u64, f64, Option<LoopError>) {
     let f0 = thread_minflt();
     let t0 = Instant::now();
-    let err = run_ops(ops, uffd);
+    // SAFETY: the caller's contract is run_ops's.
+    let err = unsafe { run_ops(ops, uffd) };
     let el = t0.elapsed().as_secs_f64();
     let f1 = thread_minflt();
     (f1.wrapping_sub(f0), el, err)
@@ -692,8 +702,9 @@ fn smaps_rss(lo: u64, hi: u64) -> Result<(u64, u64)> {
 
 /// `uname -r`.
 pub fn kernel_release() -> String {
-    // SAFETY: utsname is plain old data; uname fills it.
+    // SAFETY: utsname is plain old data, for which all-zero bytes are valid.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname for uname to fill.
     if unsafe { libc::uname(&mut u) } != 0 {
         return String::from("unknown");
     }
@@ -734,7 +745,8 @@ fn warm_up(with_uffd: bool) -> Result<()> {
         kinds.into_iter().enumerate().map(|(i, kind)| Op { thread: 0, line: i as u32 + 1, kind }).collect();
     let uffd = Fd(if with_uffd { open_uffd()? } else { -1 });
     let (res, raw) = translate(&ops)?;
-    let (_, _, err) = measured(&raw, uffd.0);
+    // SAFETY: `raw` comes from `translate` of a trace `check_vmas` accepted.
+    let (_, _, err) = unsafe { measured(&raw, uffd.0) };
     if let Some(e) = err {
         return Err(Error::Oracle(format!("warm-up replay failed at {}: {}", e.what, strerror(e.errno))));
     }
@@ -746,7 +758,8 @@ fn warm_up(with_uffd: bool) -> Result<()> {
 /// The faults the measuring harness costs by itself: the measured section
 /// with no operations, the least of a few runs.
 fn harness_overhead() -> u64 {
-    (0..5).map(|_| measured(&[], -1).0).min().unwrap_or(0)
+    // SAFETY: no operations, no pointers.
+    (0..5).map(|_| unsafe { measured(&[], -1) }.0).min().unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -772,7 +785,8 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
     probe.read(&mut s1);
 
     probe.read(&mut s0);
-    let (faults, elapsed_s, err) = measured(&raw, uffd.0);
+    // SAFETY: `raw` comes from `translate` of a trace `check_vmas` accepted.
+    let (faults, elapsed_s, err) = unsafe { measured(&raw, uffd.0) };
     probe.read(&mut s1);
     let (rss_bytes, anon_huge_bytes) = smaps_rss(res.lo, res.lo + res.len)?;
 

@@ -94,8 +94,7 @@ mod tests {
     const RACE: &str = "mmap 0x7f0000000000 0x200000\n@0 w 0x7f0000000000\n@1 r 0x7f0000008000\n";
 
     fn run(policy: Policy, seed: u64) -> RunResult {
-        let mut c = Config::default();
-        c.policy = policy;
+        let mut c = Config { policy, ..Default::default() };
         for s in ["16kB=always", "32kB=always", "64kB=always", "2048kB=never"] {
             c.set_size_mode(s).unwrap();
         }
@@ -161,8 +160,7 @@ mod policy_tests {
 
     /// Page 5 populated, then a write to page 0 with only 64kB enabled.
     fn folio_orders(policy: Policy) -> [u64; 10] {
-        let mut c = Config::default();
-        c.policy = policy;
+        let mut c = Config { policy, ..Default::default() };
         c.set_size_mode("64kB=always").unwrap();
         c.set_size_mode("2048kB=never").unwrap();
         c.memory.phys_bytes = 64 << 20;

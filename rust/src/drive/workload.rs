@@ -326,8 +326,7 @@ mod tests {
     use crate::config::{Config, Policy};
 
     fn cfg(policy: Policy, sizes: &[&str]) -> Config {
-        let mut c = Config::default();
-        c.policy = policy;
+        let mut c = Config { policy, ..Default::default() };
         for s in sizes {
             c.set_size_mode(s).unwrap();
         }

@@ -469,11 +469,13 @@ impl Drop for PageTable {
                     continue;
                 }
                 #[cfg(loom)]
-                // SAFETY: PTE tables linked from this PMD table were boxed by
-                // the loom arena and are freed only here or when unlinked.
-                for pmd in unsafe { &*(pmdt as *const Table) }.e.iter() {
+                // SAFETY: a non-zero PUD entry of this table, not yet freed.
+                for pmd in unsafe { dir(pmdt) }.e.iter() {
                     let v = pmd.load(Relaxed);
                     if v != 0 && !pmd_huge(v) {
+                        // SAFETY: PTE tables linked from a PMD table were
+                        // boxed by the loom arena, and are freed only here or
+                        // when unlinked.
                         drop(unsafe { Box::from_raw(v as *mut PteTable) });
                     }
                 }
