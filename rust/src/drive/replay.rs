@@ -20,18 +20,106 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
     r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
 }
 
-/// Runs trace operations on `nthreads` CPUs at once, each thread its own lines.
-fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
-    let cpus: Vec<Cpu> = (0..nthreads.max(opts.threads).max(1)).map(|i| mm.cpu(i)).collect();
-    let per: Vec<Vec<&Op>> = (0..cpus.len()).map(|t| ops.iter().filter(|o| o.thread as usize == t).collect()).collect();
-    run_cpus(mm, cpus, opts, |t, cpu| {
-        let mut n = 0u64;
-        for op in &per[t] {
-            cpu.preempt(Point::OpBoundary);
-            run_op(mm, cpu, op).map_err(|e| (n, e))?;
-            n += 1;
+/// A stretch of the trace between two VMA operations: each thread's
+/// accesses in it, then the VMA operation that ends it (if any).
+struct Segment<'a> {
+    accesses: Vec<Vec<&'a Op>>,
+    barrier: Option<&'a Op>,
+}
+
+/// Whether an operation changes VMAs: those are barriers between threads.
+fn is_barrier(op: &Op) -> bool {
+    !matches!(op.kind, OpKind::Write { .. } | OpKind::Read { .. })
+}
+
+fn segments(ops: &[Op], ncpus: usize) -> Vec<Segment<'_>> {
+    let mut out = vec![Segment { accesses: vec![Vec::new(); ncpus], barrier: None }];
+    for op in ops {
+        let last = out.last_mut().expect("one segment at least");
+        if is_barrier(op) {
+            last.barrier = Some(op);
+            out.push(Segment { accesses: vec![Vec::new(); ncpus], barrier: None });
+        } else {
+            last.accesses[op.thread as usize].push(op);
         }
-        Ok(n)
+    }
+    out
+}
+
+/// A barrier the simulated CPUs wait at by spinning through the scheduler
+/// (a wait is a [`Point::Blocked`]), so that it works on host threads and
+/// under the deterministic scheduler alike. Not a kernel mechanism: it is
+/// how a recorded order ("every earlier line is done") is kept.
+struct SpinBarrier {
+    n: usize,
+    arrived: std::sync::atomic::AtomicUsize,
+    generation: std::sync::atomic::AtomicUsize,
+    /// A CPU failed: nobody waits any more.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl SpinBarrier {
+    /// Returns false if another CPU failed (the run is over).
+    fn wait(&self, cpu: &mut Cpu) -> bool {
+        use std::sync::atomic::Ordering::*;
+        let gen = self.generation.load(Acquire);
+        if self.arrived.fetch_add(1, AcqRel) + 1 == self.n {
+            self.arrived.store(0, Relaxed);
+            self.generation.fetch_add(1, Release);
+            return !self.failed.load(Acquire);
+        }
+        while self.generation.load(Acquire) == gen {
+            if self.failed.load(Acquire) {
+                return false;
+            }
+            cpu.preempt(Point::Blocked);
+            std::thread::yield_now();
+        }
+        !self.failed.load(Acquire)
+    }
+}
+
+/// Runs trace operations on `nthreads` CPUs at once, each thread its own
+/// lines in file order. VMA operations are barriers: every earlier line of
+/// any thread is done before one runs, and no later line starts before it
+/// is done; between barriers the threads' accesses run at once.
+fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
+    let n = nthreads.max(opts.threads).max(1);
+    let cpus: Vec<Cpu> = (0..n).map(|i| mm.cpu(i)).collect();
+    let segs = segments(ops, n);
+    let barrier = SpinBarrier {
+        n,
+        arrived: Default::default(),
+        generation: Default::default(),
+        failed: Default::default(),
+    };
+    run_cpus(mm, cpus, opts, |t, cpu| {
+        let mut done = 0u64;
+        let r = (|| {
+            for seg in &segs {
+                for op in &seg.accesses[t] {
+                    cpu.preempt(Point::OpBoundary);
+                    run_op(mm, cpu, op)?;
+                    done += 1;
+                }
+                let Some(op) = seg.barrier else { continue };
+                if !barrier.wait(cpu) {
+                    return Ok(());
+                }
+                if op.thread as usize == t {
+                    run_op(mm, cpu, op)?;
+                    done += 1;
+                }
+                if !barrier.wait(cpu) {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        r.map(|()| done).map_err(|e| {
+            barrier.failed.store(true, std::sync::atomic::Ordering::Release);
+            (done, e)
+        })
     })
 }
 
@@ -112,6 +200,28 @@ mod tests {
     /// The first seed under which CPU 0 loses the race.
     fn racing_seed(policy: Policy) -> u64 {
         (0..200).find(|&s| run(policy, s).stats.race.races > 0).expect("some seed races")
+    }
+
+    /// The mmap is on thread 0 and the writes on threads 1 and 2: they
+    /// must wait for it, under every seed and on real threads.
+    #[test]
+    fn vma_operations_are_barriers_between_threads() {
+        let mut t = String::from("mmap 0x7f0000000000 0x100000\n");
+        for i in 0..64u64 {
+            t += &format!("@{} w {:#x}\n", 1 + i % 2, 0x7f0000000000u64 + i * 4096);
+        }
+        t += "@0 munmap 0x7f0000000000 0x10000\n@1 w 0x7f0000010000\n@2 w 0x7f0000040000\n";
+        let ops = parse(&t).unwrap();
+        for det in [None, Some(0), Some(1), Some(2), Some(3), Some(7), Some(11), Some(13)] {
+            let mut c = Config::default();
+            c.memory.phys_bytes = 64 << 20;
+            let mm = Mm::new(c).unwrap();
+            let r = replay(&mm, &ops, &RunOptions { threads: 3, deterministic: det, check_invariants: true });
+            assert!(r.error.is_none(), "{det:?}: {:?}", r.error);
+            // 64 pages written, 16 unmapped, one more (page 64) written after.
+            assert_eq!(r.stats.rss_pages, 64 - 16 + 1, "{det:?}");
+            assert_eq!(r.ops_done, ops.len() as u64);
+        }
     }
 
     #[test]
