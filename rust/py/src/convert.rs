@@ -288,6 +288,7 @@ pub fn stats_to_py<'py>(py: Python<'py>, s: &Stats, elapsed_s: f64) -> PyResult<
     let d = PyDict::new(py);
     d.set_item("faults", s.faults())?;
     d.set_item("rss_bytes", s.rss_pages.saturating_mul(PAGE_SIZE))?;
+    d.set_item("rss_peak_bytes", s.rss_peak_pages.saturating_mul(PAGE_SIZE))?;
     d.set_item("elapsed_s", elapsed_s)?;
     let mthp = PyDict::new(py);
     for (order, m) in s.mthp.iter().enumerate() {

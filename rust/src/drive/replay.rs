@@ -87,12 +87,8 @@ fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> 
     let n = nthreads.max(opts.threads).max(1);
     let cpus: Vec<Cpu> = (0..n).map(|i| mm.cpu(i)).collect();
     let segs = segments(ops, n);
-    let barrier = SpinBarrier {
-        n,
-        arrived: Default::default(),
-        generation: Default::default(),
-        failed: Default::default(),
-    };
+    let barrier =
+        SpinBarrier { n, arrived: Default::default(), generation: Default::default(), failed: Default::default() };
     run_cpus(mm, cpus, opts, |t, cpu| {
         let mut done = 0u64;
         let r = (|| {
@@ -220,6 +216,7 @@ mod tests {
             assert!(r.error.is_none(), "{det:?}: {:?}", r.error);
             // 64 pages written, 16 unmapped, one more (page 64) written after.
             assert_eq!(r.stats.rss_pages, 64 - 16 + 1, "{det:?}");
+            assert_eq!(r.stats.rss_peak_pages, 64, "{det:?}: the peak was before the munmap");
             assert_eq!(r.ops_done, ops.len() as u64);
         }
     }

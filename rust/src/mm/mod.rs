@@ -180,6 +180,8 @@ pub struct MmInner {
     retired: CachePadded<PerCpu>,
     next_anon_vma: AtomicU64,
     pub huge_zero_used: AtomicBool,
+    /// `mm->hiwater_rss`, in pages.
+    hiwater_rss: AtomicU64,
 }
 
 /// The simulated process's mm. Cheap to clone; every clone is the same mm.
@@ -220,6 +222,7 @@ impl Mm {
                 retired: CachePadded::new(PerCpu::default()),
                 next_anon_vma: AtomicU64::new(1),
                 huge_zero_used: AtomicBool::new(false),
+                hiwater_rss: AtomicU64::new(0),
                 on_race: cfg.on_race(),
                 debug_vm,
                 cfg,
@@ -277,6 +280,7 @@ impl Mm {
             s.mem.pcp_pages += pc.pcp_pages.get();
         }
         drop(cpus);
+        s.rss_peak_pages = s.rss_pages.max(self.hiwater_rss.load(Relaxed));
         s.mem.phys_pages = self.alloc.phys_pages;
         s.mem.pinned_pages = self.alloc.shared.pinned.load(Relaxed);
         s.mem.used_pages = s.vm.pgalloc.wrapping_sub(s.vm.pgfree);
@@ -339,6 +343,20 @@ impl MmInner {
         g
     }
 
+    /// `update_hiwater_rss()`: RSS only falls when something is zapped, and
+    /// zaps happen under the mmap write lock, so marking it there (faults
+    /// are excluded) keeps the exact peak.
+    fn update_hiwater_rss(&self) {
+        let cpus = self.cpus.lock().unwrap_or_else(|p| p.into_inner());
+        let rss = cpus
+            .iter()
+            .map(|p| &***p)
+            .chain(std::iter::once(&*self.retired))
+            .fold(0u64, |a, p| a.wrapping_add(p.counters.rss.get()));
+        drop(cpus);
+        self.hiwater_rss.fetch_max(rss, Relaxed);
+    }
+
     /// Runs `f` under the mmap write lock, as the system calls that change
     /// VMAs do.
     pub(crate) fn with_write_lock<T>(
@@ -347,6 +365,7 @@ impl MmInner {
         f: impl FnOnce(&MmInner, &mut MmapWriteGuard<'_>, &mut Cpu) -> Result<T>,
     ) -> Result<T> {
         let mut g = self.mmap_write_lock(cpu);
+        self.update_hiwater_rss();
         let r = f(self, &mut g, cpu);
         cpu.sync_pcp_gauge();
         drop(g);

@@ -199,6 +199,9 @@ pub struct Stats {
     pub folio_orders: [u64; PMD_ORDER + 1],
     /// Resident anonymous pages (`MM_ANONPAGES`; the zero pages do not count).
     pub rss_pages: u64,
+    /// The most resident anonymous pages at any point (`mm->hiwater_rss`,
+    /// as VmHWM reports it: the larger of the mark and the current RSS).
+    pub rss_peak_pages: u64,
     /// Split PTE-table locks, summed.
     pub ptl: LockStats,
     /// The mm-wide `page_table_lock` (PMD installs, PMD THP).
