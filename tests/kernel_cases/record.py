@@ -33,8 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # a checkout without an installed package
+if str(ROOT / "python") not in sys.path:
+    sys.path.append(str(ROOT / "python"))  # a checkout without an installed package
 
 SHARED = Path("/work/shared/kernel-examples")
 
