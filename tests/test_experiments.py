@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from anonfolio import cli, experiments, plot
+from anonfolio.experiments import _findings
 
 # One small run of race-policies shared by the tests below (module scope):
 # every axis value at least once, 2 seeds, a tiny free-running pass.
@@ -137,16 +138,16 @@ def test_findings_match_the_table(race: experiments.RacePoliciesResult) -> None:
     frag = next((t for t in text if t.startswith(f"Memory fragmented, interleaved, {top} CPUs")), None)
     for d in race.deltas:
         if d["memory"] == "fragmented" and d["sharing"] == "interleaved" and d["cpus"] == top and frag:
-            assert experiments._delta_sentence(d) in frag
+            assert _findings.delta_sentence(d) in frag
             df = d["faults_per_1k_pages"]
             if df:
-                assert f"{'saved' if df > 0 else 'took'} {experiments._f(abs(df))} " in frag
+                assert f"{'saved' if df > 0 else 'took'} {_findings.number(abs(df))} " in frag
     direct = next((t for t in text if t.startswith("Counted directly")), None)
     if frag:
         assert direct is not None
         for pol in ("upstream", "v1", "preferred"):
-            m = experiments._med(race.medians, "deterministic", pol, "refault", "fragmented", "interleaved", top)
-            assert f"{pol} {experiments._f(m['refaults_per_1k_pages'], 2)} refaults" in direct
+            m = _findings.median_of(race.medians, "deterministic", pol, "refault", "fragmented", "interleaved", top)
+            assert f"{pol} {_findings.number(m['refaults_per_1k_pages'], 2)} refaults" in direct
     one = [r for r in det if r["cpus"] == 1]
     assert f"1-CPU runs lost 0 races in {len(one)} runs" in " ".join(text)
     # The medians table in results.md has one line per deterministic point.
