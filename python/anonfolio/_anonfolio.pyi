@@ -146,6 +146,12 @@ def kernel_replay(trace_text: str) -> dict[str, Any]:
         OracleError: the kernel could not run it.
     """
 
+def _debug_panic(message: str, *, guarded: bool = True) -> None:
+    """Test hook, not API: panics with ``message`` inside the guard every call
+    into the core goes through (``guarded=True``: raises
+    ``AnonfolioError("internal error: ...")``, prints nothing) or outside it
+    (``guarded=False``: PyO3's ``PanicException``; the panic hook prints it)."""
+
 @disjoint_base
 class Simulator:
     """One simulated process: VMAs, page tables and the physical memory
