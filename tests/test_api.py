@@ -610,6 +610,39 @@ def test_matches_the_kernel_examples(ex):
             assert s.mthp[size][name] == v, (size, name)
 
 
+def test_result_shapes_match_the_native_module():
+    """The TypedDicts of anonfolio.results (and so the stubs that use them)
+    name exactly the keys the native module returns, in its order."""
+    from anonfolio import _anonfolio, results
+
+    def keys(td: type) -> list[str]:
+        return list(td.__annotations__)
+
+    native = _anonfolio.Simulator(only(_64kB="always"))
+    run = native.run("sequential", "1M")
+    assert list(run) == keys(results.RunDict)
+    stats = native.stats()
+    assert list(stats) == keys(results.StatsDict)
+    assert list(run["mthp"]["64kB"]) == keys(results.MthpCounters) == list(_anonfolio.MTHP_COUNTERS)
+    assert list(run["vmstat"]) == keys(results.VmstatCounters) == list(_anonfolio.VMSTAT_COUNTERS)
+    assert list(run["races"]) == keys(results.RaceCounters) == list(_anonfolio.RACE_COUNTERS)
+    assert list(run["fault_paths"]) == keys(results.FaultPaths) == list(_anonfolio.FAULT_PATHS)
+    assert list(run["memory"]) == keys(results.MemoryFigures)
+    assert list(run["locks"]) == keys(results.Locks)
+    for lock in ("ptl", "page_table_lock", "zone_lock", "mmap_lock"):
+        assert list(run["locks"][lock]) == keys(results.LockFigures), lock
+    assert isinstance(run["folio_orders"], np.ndarray) and run["folio_orders"].dtype == np.uint64
+    assert [list(v) for v in native.vmas()] == [keys(results.VmaDict)]
+    assert list(native.config) == keys(results.ConfigDict) == list(_anonfolio.CONFIG_FIELDS)
+    assert list(_anonfolio.normalize_config()) == keys(results.ConfigDict)
+    assert list(Config().to_dict()) == keys(results.ConfigDict)
+    try:
+        kern = _anonfolio.kernel_replay("mmap 0x7f0000000000 0x2000\nw 0x7f0000000000\n")
+    except anonfolio.OracleError as e:  # pragma: no cover - a kernel without the oracle's needs
+        pytest.skip(f"the kernel oracle cannot run here: {e}")
+    assert list(kern) == keys(results.KernelRun)
+
+
 def test_no_rust_panic_crosses_into_python(capfd):
     """A panic inside a call into the core (here the native test hook
     ``_debug_panic``, which panics inside the same guard every call goes

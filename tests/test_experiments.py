@@ -43,6 +43,16 @@ def test_race_policies_writes_its_files(race: experiments.RacePoliciesResult) ->
             assert f"]({png})" in md
 
 
+def test_row_shapes_are_the_columns(race: experiments.RacePoliciesResult) -> None:
+    """RaceRow and ScalingRow (the typed rows) have exactly the CSV columns."""
+    assert list(experiments.RaceRow.__annotations__) == list(experiments.COLUMNS)
+    assert all(list(r) == list(experiments.COLUMNS) for r in race.rows)
+    assert list(experiments.Point.__annotations__) == list(experiments.KEYS)
+    assert set(experiments.ScalingRow.__annotations__) == set(experiments.SCALING_COLUMNS)
+    res = experiments.scaling(workload="sequential", threads=(1,), size="1M", repeat=1)
+    assert set(res.rows[0]) == set(experiments.SCALING_COLUMNS)
+
+
 def test_every_run_is_in_the_csv(race: experiments.RacePoliciesResult) -> None:
     rows = _csv(os.path.join(race.out, "results.csv"))
     assert list(rows[0]) == list(experiments.COLUMNS)

@@ -272,5 +272,10 @@ def test_validate_cli_matches():
     proc = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     j = json.loads(proc.stdout)
+    from anonfolio.results import KernelReplay, ValidateResult, ValidateRow
+
+    assert list(j) == list(ValidateResult.__annotations__)
+    assert list(j["kernel"]) == list(KernelReplay.__annotations__)
+    assert all(list(r) == list(ValidateRow.__annotations__) for r in j["rows"])
     assert j["match"] is True and all(r["match"] for r in j["rows"]), j["rows"]
     assert j["simulator"]["faults"] == j["kernel"]["faults"] == 16

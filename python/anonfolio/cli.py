@@ -32,7 +32,7 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 from . import _anonfolio
 from .api import SHARING, WORKLOADS, Simulator
 from .config import ENABLED_MODES, POLICIES, Config
-from .results import KernelReplay, ValidateResult
+from .results import ConfigJson, KernelReplay, ValidateResult
 from .stats import Stats
 
 __all__ = ["main", "build_parser", "add_config_options", "config_from_args", "emit", "CliError", "ArgumentParser"]
@@ -189,9 +189,9 @@ def _config_summary(cfg: Config) -> str:
     return f"policy {cfg.policy}, enabled={cfg.enabled}, mTHP sizes: {sizes}"
 
 
-def _json_config(cfg: Config) -> dict[str, Any]:
-    return {"enabled": cfg.enabled, "hugepages": dict(cfg.hugepages), "policy": cfg.policy,
-            "use_zero_page": cfg.use_zero_page}
+def _json_config(cfg: Config) -> ConfigJson:
+    return ConfigJson(enabled=cfg.enabled, hugepages=dict(cfg.hugepages), policy=cfg.policy,
+                      use_zero_page=cfg.use_zero_page)
 
 
 def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Optional[dict[str, Any]] = None) -> None:

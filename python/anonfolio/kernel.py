@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from . import _anonfolio
 from .config import ENABLED_MODES, Config
@@ -158,7 +158,7 @@ def thp_settings(
         # No Ctrl-C or SIGTERM in the middle of restoring: hold them until done.
         blocked = {signal.SIGINT, signal.SIGTERM}
         try:
-            old_mask: Optional[set[signal.Signals]] = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            old_mask: Optional[set[Union[int, signal.Signals]]] = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         except (AttributeError, OSError, ValueError):  # pragma: no cover
             old_mask = None
         try:

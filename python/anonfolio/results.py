@@ -13,6 +13,7 @@ Dicts whose keys depend on the run (``mthp`` by size, the kernel's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional, TypedDict
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "RunDict",
     "VmaDict",
     "ConfigDict",
+    "ConfigJson",
     "KernelRun",
     "KernelReplay",
     "ValidateRow",
@@ -179,10 +181,20 @@ class ConfigDict(TypedDict):
     memory: int
     memcg_limit: Optional[int]
     fragmentation: float
-    fail_orders: tuple[int, ...]
+    fail_orders: Sequence[int]
     fail_rate: float
     seed: int
     check_invariants: bool
+
+
+class ConfigJson(TypedDict):
+    """``config`` in the JSON of ``replay``, ``run`` and ``validate``: the knobs
+    and the policy the simulator ran with."""
+
+    enabled: str
+    hugepages: dict[str, str]
+    policy: str
+    use_zero_page: bool
 
 
 class KernelRun(TypedDict):

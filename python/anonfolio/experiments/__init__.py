@@ -41,10 +41,23 @@ passes and the files), ``_findings`` (the computed sentences),
 from __future__ import annotations
 
 from ._findings import findings
-from ._grid import COLUMNS, KEYS, MEMORY, METRICS, ON_RACE, PASSES, RACE_POLICIES_CONFIG
+from ._grid import (
+    COLUMNS,
+    KEYS,
+    MEMORY,
+    METRICS,
+    ON_RACE,
+    PASSES,
+    RACE_POLICIES_CONFIG,
+    DeltaRow,
+    MedianRow,
+    Point,
+    RaceParams,
+    RaceRow,
+)
 from ._race_policies import RacePoliciesResult, race_policies
 from ._rows import medians, paired_deltas
-from ._scaling import SCALING_COLUMNS, ScalingResult, scaling
+from ._scaling import SCALING_COLUMNS, ScalingMedian, ScalingResult, ScalingRow, ScalingRun, scaling
 
 __all__ = [
     "race_policies",
@@ -62,4 +75,12 @@ __all__ = [
     "medians",
     "paired_deltas",
     "findings",
+    "Point",
+    "RaceRow",
+    "RaceParams",
+    "MedianRow",
+    "DeltaRow",
+    "ScalingRun",
+    "ScalingRow",
+    "ScalingMedian",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
-from ._grid import KEYS, MEMORY, ON_RACE
+from ._grid import KEYS, MEMORY, ON_RACE, DeltaRow, MedianRow
 from ._rows import per
 
 def number(x: float, nd: int = 1) -> str:
@@ -19,16 +20,16 @@ def number(x: float, nd: int = 1) -> str:
     return f"{x:,.{nd}f}"
 
 
-def _range(d: dict[str, Any], key: str) -> str:
+def _range(d: Mapping[str, Any], key: str) -> str:
     return f"{number(d[key + '_min'])}..{number(d[key + '_max'])}"
 
 
-def median_of(meds: list[dict[str, Any]], *key: Any) -> Optional[dict[str, Any]]:
+def median_of(meds: Sequence[MedianRow], *key: Any) -> Optional[MedianRow]:
     """The medians row of a point (``KEYS`` order), or None."""
     return next((m for m in meds if tuple(m[k] for k in KEYS) == key), None)
 
 
-def delta_sentence(d: dict[str, Any]) -> str:
+def delta_sentence(d: DeltaRow) -> str:
     """'upstream: retry-lower saved 9.2 faults per 1000 pages (...) and wasted 43.5 fewer pages per 1000 (...)'."""
     df, dw = d["faults_per_1k_pages"], d["pages_wasted_per_1k_pages"]
     base = d["faults_per_1k_pages_refault"]
@@ -46,7 +47,7 @@ def delta_sentence(d: dict[str, Any]) -> str:
     return f"{d['policy']}: retry-lower {f} and {w}"
 
 
-def findings(meds: list[dict[str, Any]], deltas: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
+def findings(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The findings paragraph, one sentence (or a few) per item, computed
     from the medians, the paired deltas and the runs."""
     out: list[str] = []

@@ -1,10 +1,10 @@
 """race-policies: the axes of the experiment (policies, race handling,
 memory conditions, passes), its default THP knobs and the columns of
-``results.csv``."""
+``results.csv`` with the shape of a row (:data:`RaceRow`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict, Union
 
 from .. import _anonfolio
 from ..config import Config
@@ -82,3 +82,72 @@ METRICS = (
     "refaults",
     "pages_wasted",
 )
+
+#: One point of the grid: the values of ``KEYS``. (Functional syntax: ``pass``
+#: is a Python keyword.)
+Point = TypedDict(
+    "Point",
+    {"pass": str, "policy": str, "on_race": str, "memory": str, "sharing": str, "cpus": int},
+)
+
+#: One run: a row of ``results.csv``, the keys of :data:`COLUMNS` in order.
+#: ``ns_per_page`` is ``""`` in the deterministic pass (it has no wall time).
+RaceRow = TypedDict(
+    "RaceRow",
+    {
+        "pass": str,
+        "policy": str,
+        "on_race": str,
+        "memory": str,
+        "sharing": str,
+        "cpus": int,
+        "seed": int,
+        "size_bytes": int,
+        "pages_touched": int,
+        "faults": int,
+        "races": int,
+        "retries": int,
+        "refaults": int,
+        "folios_wasted": int,
+        "pages_wasted": int,
+        "ptl_acquisitions": int,
+        "ptl_contended": int,
+        "ptl_spins": int,
+        "zone_contended": int,
+        "rss_bytes": int,
+        "mean_folio_kb": float,
+        "elapsed_s": float,
+        "faults_per_page": float,
+        "faults_per_1k_pages": float,
+        "races_per_1k_faults": float,
+        "retries_per_1k_pages": float,
+        "refaults_per_1k_pages": float,
+        "folios_wasted_per_1k_pages": float,
+        "pages_wasted_per_1k_pages": float,
+        "ns_per_page": Union[float, str],
+    },
+)
+
+class RaceParams(TypedDict):
+    """The sizes and counts a race-policies run was made with (results.md)."""
+
+    size: int
+    cpus: list[int]
+    seeds: int
+    first_seed: int
+    free_size: int
+    free_threads: list[int]
+    free_repeat: int
+    workload: str
+
+
+#: One point's medians (``medians()``): the ``KEYS``, ``runs``, and for each
+#: of ``METRICS`` its median, ``<metric>_min`` and ``<metric>_max`` (``""``
+#: where no run has the metric). The keys are made from ``METRICS``, so the
+#: values are not typed one by one.
+MedianRow = dict[str, Any]
+
+#: One paired comparison (``paired_deltas()``): policy, memory, sharing, cpus,
+#: seeds, and for each metric compared ``<metric>`` (the median of
+#: refault - retry-lower), ``_min``, ``_max``, ``_refault`` and ``_retry``.
+DeltaRow = dict[str, Any]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .. import _anonfolio
 from ..config import Config
 from ..stats import format_bytes
 from ._findings import number
-from ._grid import COLUMNS, MEMORY
+from ._grid import COLUMNS, MEMORY, DeltaRow, MedianRow, RaceParams
 
 def _cell(v: Any) -> str:
     if v == "" or v is None:
@@ -22,7 +22,7 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _mm(m: dict[str, Any], c: str) -> str:
+def _mm(m: Mapping[str, Any], c: str) -> str:
     """median [min..max], or the median alone when they agree."""
     if m[c] == "":
         return "–"
@@ -38,8 +38,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], left: int = 1) 
     return lines
 
 
-def results_md(meds: list[dict[str, Any]], deltas: list[dict[str, Any]], text: list[str], cfg: Config,
-                   params: dict[str, Any], pngs: list[str], note: str, wall: float) -> str:
+def results_md(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], text: Sequence[str], cfg: Config,
+               params: RaceParams, pngs: Sequence[str], note: str, wall: float) -> str:
     lines = [
         "# race-policies: is retry-lower worth it?",
         "",

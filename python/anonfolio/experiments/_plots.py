@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import plot
 from ..config import Config
 from ..stats import format_bytes
-from ._grid import MEMORY
+from ._grid import MEMORY, DeltaRow, MedianRow
 
-def race_plots(out: str, meds: list[dict[str, Any]], deltas: list[dict[str, Any]], orders: dict[str, np.ndarray],
+def race_plots(out: str, meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], orders: Mapping[str, npt.NDArray[np.uint64]],
                 cfg: Config, nbytes: int, free_bytes: int, workload: str, seeds: int) -> list[str]:
     written = []
     det = [m for m in meds if m["pass"] == "deterministic" and m["sharing"] == "interleaved"]
@@ -66,5 +68,5 @@ def race_plots(out: str, meds: list[dict[str, Any]], deltas: list[dict[str, Any]
 class _FakeStats:
     """Just enough of :class:`Stats` for :func:`plot.folio_histogram`."""
 
-    def __init__(self, fo: np.ndarray):
+    def __init__(self, fo: npt.NDArray[np.uint64]) -> None:
         self.folio_orders = fo

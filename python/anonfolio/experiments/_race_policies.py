@@ -11,26 +11,34 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, TextIO, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import plot
 from ..api import Simulator
 from ..config import POLICIES, Config
 from ..stats import format_bytes
 from ._findings import findings
-from ._grid import COLUMNS, KEYS, MEMORY, METRICS, ON_RACE, RACE_POLICIES_CONFIG
+from ._grid import COLUMNS, KEYS, MEMORY, METRICS, ON_RACE, RACE_POLICIES_CONFIG, DeltaRow, MedianRow, Point, RaceParams, RaceRow
 from ._markdown import results_md
 from ._plots import race_plots
 from ._rows import byte_count, medians, paired_deltas, run_row
+
 
 @dataclasses.dataclass
 class RacePoliciesResult:
     """What :func:`race_policies` produced."""
 
+    #: The folder written.
     out: str
-    rows: list[dict[str, Any]]
-    medians: list[dict[str, Any]]
-    deltas: list[dict[str, Any]]
+    #: One per run, as in results.csv.
+    rows: list[RaceRow]
+    #: One per point, as in medians.csv.
+    medians: list[MedianRow]
+    #: refault against retry-lower, paired by seed.
+    deltas: list[DeltaRow]
+    #: The sentences of the findings paragraph.
     findings: list[str]
+    #: File names written into ``out``.
     files: list[str]
     wall_s: float
 
@@ -76,7 +84,7 @@ def race_policies(
         return base.replace(policy=pol, on_race=orr, seed=seed, **MEMORY[mem])
 
     # Deterministic pass: results do not depend on timing, so run a few at once.
-    jobs_det = []
+    jobs_det: list[tuple[Point, int]] = []
     for mem in memory:
         for sh in sharing:
             for pol in policies:
@@ -84,14 +92,14 @@ def race_policies(
                     for orr in on_race:
                         for k in range(seeds):
                             seed = first_seed + k
-                            pt = {"pass": "deterministic", "policy": pol, "on_race": orr, "memory": mem,
-                                  "sharing": sh, "cpus": int(nc)}
+                            pt: Point = {"pass": "deterministic", "policy": pol, "on_race": orr, "memory": mem,
+                                         "sharing": sh, "cpus": int(nc)}
                             jobs_det.append((pt, seed))
 
-    keep_orders: dict[str, np.ndarray] = {}
+    keep_orders: dict[str, npt.NDArray[np.uint64]] = {}
     top = max(cpus) if cpus else 1
 
-    def run_det(job: tuple[dict[str, Any], int]) -> dict[str, Any]:
+    def run_det(job: tuple[Point, int]) -> RaceRow:
         pt, seed = job
         s = Simulator(cfg_for(pt["policy"], pt["on_race"], pt["memory"], seed)).run(
             workload, nbytes, threads=pt["cpus"], sharing=pt["sharing"], deterministic=seed)
@@ -118,11 +126,11 @@ def race_policies(
                     for pol in policies:
                         for nt in free_threads:
                             for orr in on_race:
-                                pt = {"pass": "free", "policy": pol, "on_race": orr, "memory": mem,
-                                      "sharing": sh, "cpus": int(nt)}
+                                fpt: Point = {"pass": "free", "policy": pol, "on_race": orr, "memory": mem,
+                                              "sharing": sh, "cpus": int(nt)}
                                 s = Simulator(cfg_for(pol, orr, mem, first_seed + k)).run(
                                     workload, free_bytes, threads=nt, sharing=sh)
-                                rows.append(run_row(pt, first_seed + k, free_bytes, s))
+                                rows.append(run_row(fpt, first_seed + k, free_bytes, s))
         if log is not None:
             log.write(f"race-policies: free-running pass: {free_repeat} repeat(s) over "
                       f"{format_bytes(free_bytes)} in {time.perf_counter() - t1:.1f} s\n")
@@ -153,8 +161,8 @@ def race_policies(
             log.write(f"race-policies: {note}\n")
     files += pngs
 
-    params = dict(size=nbytes, cpus=list(cpus), seeds=seeds, first_seed=first_seed, free_size=free_bytes,
-                  free_threads=list(free_threads), free_repeat=free_repeat, workload=workload)
+    params = RaceParams(size=nbytes, cpus=list(cpus), seeds=seeds, first_seed=first_seed, free_size=free_bytes,
+                        free_threads=list(free_threads), free_repeat=free_repeat, workload=workload)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(results_md(meds, deltas, text, base, params, pngs, note, wall))
     if log is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -13,7 +13,8 @@ import numpy as np
 from .. import _anonfolio
 from ..config import POLICIES
 from ..stats import Stats
-from ._grid import KEYS, MEMORY, METRICS, ON_RACE, PAGE, PASSES
+from ._grid import KEYS, MEMORY, METRICS, ON_RACE, PAGE, PASSES, DeltaRow, MedianRow, Point, RaceRow
+
 
 def per(n: float, d: float, k: float = 1000.0) -> float:
     return n * k / d if d else 0.0
@@ -25,37 +26,36 @@ def _mean_folio_kb(s: Stats) -> float:
     return float((fo * (PAGE / 1024) * 2.0 ** np.arange(len(fo))).sum() / n) if n else 0.0
 
 
-def run_row(point: dict[str, Any], seed: int, nbytes: int, s: Stats) -> dict[str, Any]:
+def run_row(point: Point, seed: int, nbytes: int, s: Stats) -> RaceRow:
     pages = int(s.get("ops", 0)) or nbytes // PAGE
     r = s.races
-    row = dict(point)
-    row.update(
-        seed=seed,
-        size_bytes=nbytes,
-        pages_touched=pages,
-        faults=s.faults,
-        races=r["races"],
-        retries=r["retries"],
-        refaults=r["refaults"],
-        folios_wasted=r["folios_wasted"],
-        pages_wasted=r["pages_wasted"],
-        ptl_acquisitions=s.locks.ptl.acquisitions,
-        ptl_contended=s.locks.ptl.contended,
-        ptl_spins=s.locks.ptl.spins,
-        zone_contended=s.locks.zone_lock.contended,
-        rss_bytes=s.rss_bytes,
-        mean_folio_kb=round(_mean_folio_kb(s), 2),
-        elapsed_s=round(s.elapsed_s, 6),
-        faults_per_page=round(s.faults / pages, 6) if pages else 0.0,
-        faults_per_1k_pages=round(per(s.faults, pages), 3),
-        races_per_1k_faults=round(per(r["races"], s.faults), 3),
-        retries_per_1k_pages=round(per(r["retries"], pages), 3),
-        refaults_per_1k_pages=round(per(r["refaults"], pages), 3),
-        folios_wasted_per_1k_pages=round(per(r["folios_wasted"], pages), 3),
-        pages_wasted_per_1k_pages=round(per(r["pages_wasted"], pages), 3),
-        ns_per_page=round(s.elapsed_s * 1e9 / pages, 2) if point["pass"] == "free" and pages else "",
-    )
-    return row
+    return {
+        **point,
+        "seed": seed,
+        "size_bytes": nbytes,
+        "pages_touched": pages,
+        "faults": s.faults,
+        "races": r["races"],
+        "retries": r["retries"],
+        "refaults": r["refaults"],
+        "folios_wasted": r["folios_wasted"],
+        "pages_wasted": r["pages_wasted"],
+        "ptl_acquisitions": s.locks.ptl.acquisitions,
+        "ptl_contended": s.locks.ptl.contended,
+        "ptl_spins": s.locks.ptl.spins,
+        "zone_contended": s.locks.zone_lock.contended,
+        "rss_bytes": s.rss_bytes,
+        "mean_folio_kb": round(_mean_folio_kb(s), 2),
+        "elapsed_s": round(s.elapsed_s, 6),
+        "faults_per_page": round(s.faults / pages, 6) if pages else 0.0,
+        "faults_per_1k_pages": round(per(s.faults, pages), 3),
+        "races_per_1k_faults": round(per(r["races"], s.faults), 3),
+        "retries_per_1k_pages": round(per(r["retries"], pages), 3),
+        "refaults_per_1k_pages": round(per(r["refaults"], pages), 3),
+        "folios_wasted_per_1k_pages": round(per(r["folios_wasted"], pages), 3),
+        "pages_wasted_per_1k_pages": round(per(r["pages_wasted"], pages), 3),
+        "ns_per_page": round(s.elapsed_s * 1e9 / pages, 2) if point["pass"] == "free" and pages else "",
+    }
 
 
 def _num(v: Any) -> Optional[float]:
@@ -64,15 +64,15 @@ def _num(v: Any) -> Optional[float]:
     return float(v)
 
 
-def medians(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def medians(rows: Iterable[Mapping[str, Any]]) -> list[MedianRow]:
     """One row per point (``KEYS``): for each metric its median, and
     ``<metric>_min`` / ``<metric>_max`` over the runs; ``runs`` counts them."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[tuple(r[k] if k != "cpus" else int(r[k]) for k in KEYS)].append(r)
-    out = []
+    out: list[MedianRow] = []
     for key, grp in groups.items():
-        m: dict[str, Any] = dict(zip(KEYS, key))
+        m: MedianRow = dict(zip(KEYS, key))
         m["runs"] = len(grp)
         for c in METRICS:
             vals = [v for v in (_num(r[c]) for r in grp) if v is not None]
@@ -91,7 +91,7 @@ def round_figure(x: float) -> Union[int, float]:
     return int(x) if float(x).is_integer() else round(x, 3)
 
 
-def sort_key(r: dict[str, Any]) -> tuple:
+def sort_key(r: Mapping[str, Any]) -> tuple[int, ...]:
     def idx(seq: Sequence[str], v: str) -> int:
         return seq.index(v) if v in seq else 99
 
@@ -99,18 +99,18 @@ def sort_key(r: dict[str, Any]) -> tuple:
             idx(POLICIES, r["policy"]), int(r["cpus"]), idx(ON_RACE, r["on_race"]))
 
 
-def paired_deltas(rows: Iterable[dict[str, Any]], metrics: Sequence[str] = ("faults_per_1k_pages", "pages_wasted_per_1k_pages")
-                  ) -> list[dict[str, Any]]:
+def paired_deltas(rows: Iterable[Mapping[str, Any]],
+                  metrics: Sequence[str] = ("faults_per_1k_pages", "pages_wasted_per_1k_pages")) -> list[DeltaRow]:
     """refault minus retry-lower, paired by seed, for the deterministic runs:
     one row per (policy, memory, sharing, cpus) with the median, min and max
     of each metric's difference over the seeds, and the medians of each side
     (``<metric>_refault``, ``<metric>_retry``). Positive: retry-lower had fewer."""
-    by: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
+    by: dict[tuple[str, str, str, int, int], dict[str, Mapping[str, Any]]] = defaultdict(dict)
     for r in rows:
         if r["pass"] != "deterministic":
             continue
         by[(r["policy"], r["memory"], r["sharing"], int(r["cpus"]), int(r["seed"]))][r["on_race"]] = r
-    groups: dict[tuple, list[dict[str, float]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, int], list[dict[str, float]]] = defaultdict(list)
     for (pol, mem, sh, nc, _seed), pair in by.items():
         if set(pair) != set(ON_RACE):
             continue
@@ -121,9 +121,9 @@ def paired_deltas(rows: Iterable[dict[str, Any]], metrics: Sequence[str] = ("fau
             d[mtr + "_refault"] = a
             d[mtr + "_retry"] = b
         groups[(pol, mem, sh, nc)].append(d)
-    out = []
+    out: list[DeltaRow] = []
     for (pol, mem, sh, nc), ds in groups.items():
-        o: dict[str, Any] = dict(policy=pol, memory=mem, sharing=sh, cpus=nc, seeds=len(ds))
+        o: DeltaRow = dict(policy=pol, memory=mem, sharing=sh, cpus=nc, seeds=len(ds))
         for mtr in metrics:
             vals = [d[mtr] for d in ds]
             o[mtr] = round_figure(statistics.median(vals))
@@ -136,9 +136,8 @@ def paired_deltas(rows: Iterable[dict[str, Any]], metrics: Sequence[str] = ("fau
     return out
 
 
-def _metric(r: dict[str, Any], name: str) -> float:
+def _metric(r: Mapping[str, Any], name: str) -> float:
     return float(r[name])
-
 
 
 def byte_count(size: Union[int, str]) -> int:

@@ -7,8 +7,8 @@ import csv
 import dataclasses
 import os
 import statistics
-from collections.abc import Sequence
-from typing import Any, Optional, TextIO, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, TextIO, TypedDict, Union
 
 from .. import plot
 from ..api import Simulator
@@ -34,11 +34,46 @@ SCALING_COLUMNS: dict[str, str] = {
 }
 
 
+class ScalingRun(TypedDict):
+    """One free-running run of the workload."""
+
+    workload: str
+    threads: int
+    repeat: int
+    ops: int
+    faults: int
+    elapsed_s: float
+    ops_per_s: int
+    mmap_contended: int
+    ptl_contended: int
+    zone_contended: int
+
+
+class ScalingRow(ScalingRun):
+    """A row of scaling.csv: the run and the linear reference it is measured against."""
+
+    linear_ops_per_s: int
+    efficiency: float
+
+
+#: One thread count's medians: workload, threads, runs, and for each figure of
+#: a run its median, ``<figure>_min`` and ``<figure>_max``; then
+#: ``linear_ops_per_s`` and ``efficiency``. The keys are made from the figures'
+#: names, so the values are not typed one by one.
+ScalingMedian = dict[str, Any]
+
+
 @dataclasses.dataclass
 class ScalingResult:
-    rows: list[dict[str, Any]]
-    medians: list[dict[str, Any]]
+    """What :func:`scaling` produced."""
+
+    #: One per run, as in scaling.csv.
+    rows: list[ScalingRow]
+    #: One per thread count.
+    medians: list[ScalingMedian]
+    #: The table printed (and written into scaling.md).
     table: str
+    #: File names written into ``out``.
     files: list[str]
 
 
@@ -65,7 +100,7 @@ def scaling(
     cfg = config or RACE_POLICIES_CONFIG
     nbytes = byte_count(size if size is not None else ("128M" if workload == "page_fault1" else "1G"))
     threads = sorted(set(int(t) for t in threads))
-    rows: list[dict[str, Any]] = []
+    runs: list[ScalingRun] = []
     for rep in range(repeat):
         for nt in threads:
             kw: dict[str, Any] = dict(threads=nt)
@@ -73,15 +108,15 @@ def scaling(
                 kw["iterations"] = iterations
             s = Simulator(cfg).run(workload, nbytes, **kw)
             ops = int(s.get("ops", 0))
-            rows.append(dict(workload=workload, threads=nt, repeat=rep, ops=ops, faults=s.faults,
-                             elapsed_s=round(s.elapsed_s, 6),
-                             ops_per_s=round(ops / s.elapsed_s) if s.elapsed_s > 0 else 0,
-                             mmap_contended=s.locks.mmap_lock.contended, ptl_contended=s.locks.ptl.contended,
-                             zone_contended=s.locks.zone_lock.contended))
-    meds = []
+            runs.append(ScalingRun(workload=workload, threads=nt, repeat=rep, ops=ops, faults=s.faults,
+                                   elapsed_s=round(s.elapsed_s, 6),
+                                   ops_per_s=round(ops / s.elapsed_s) if s.elapsed_s > 0 else 0,
+                                   mmap_contended=s.locks.mmap_lock.contended, ptl_contended=s.locks.ptl.contended,
+                                   zone_contended=s.locks.zone_lock.contended))
+    meds: list[ScalingMedian] = []
     for nt in threads:
-        grp = [r for r in rows if r["threads"] == nt]
-        m: dict[str, Any] = {"workload": workload, "threads": nt, "runs": len(grp)}
+        grp: list[Mapping[str, Any]] = [r for r in runs if r["threads"] == nt]
+        m: ScalingMedian = {"workload": workload, "threads": nt, "runs": len(grp)}
         for c in ("ops", "faults", "elapsed_s", "ops_per_s", "mmap_contended", "ptl_contended", "zone_contended"):
             vals = [r[c] for r in grp]
             med = statistics.median(vals)
@@ -94,9 +129,11 @@ def scaling(
     for m in meds:
         m["linear_ops_per_s"] = round(one * m["threads"])
         m["efficiency"] = round(m["ops_per_s"] / m["linear_ops_per_s"], 3) if m["linear_ops_per_s"] else 0.0
-    for r in rows:
-        r["linear_ops_per_s"] = round(one * r["threads"])
-        r["efficiency"] = round(r["ops_per_s"] / r["linear_ops_per_s"], 3) if r["linear_ops_per_s"] else 0.0
+    rows: list[ScalingRow] = []
+    for r in runs:
+        linear = round(one * r["threads"])
+        rows.append(ScalingRow(**r, linear_ops_per_s=linear,
+                               efficiency=round(r["ops_per_s"] / linear, 3) if linear else 0.0))
 
     what = (f"{workload}: " + (f"{format_bytes(nbytes)} per thread x {iterations} iteration(s)"
                                if workload == "page_fault1" else f"{format_bytes(nbytes)} split between the threads")
