@@ -39,7 +39,7 @@ def writes(start: int, npages: int, op: str = "w") -> str:
 
 def only(**sizes: str) -> Config:
     """Every mTHP size and PMD THP off except those named (64kB="madvise")."""
-    hp = {s: "never" for s in anonfolio.THP_SIZES}
+    hp = dict.fromkeys(anonfolio.THP_SIZES, "never")
     hp.update({k.replace("_", ""): v for k, v in sizes.items()})
     return Config(hugepages=hp)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_race_policies_writes_its_files(race: experiments.RacePoliciesResult) ->
             with open(os.path.join(race.out, name), "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
             assert name in race.files
-    md = open(os.path.join(race.out, "results.md")).read()
+    md = Path(race.out, "results.md").read_text()
     for png in race.files:
         if png.endswith(".png"):
             assert f"]({png})" in md
@@ -133,7 +134,7 @@ def test_paired_deltas(race: experiments.RacePoliciesResult) -> None:
 
 def test_findings_match_the_table(race: experiments.RacePoliciesResult) -> None:
     text = race.findings
-    md = open(os.path.join(race.out, "results.md")).read()
+    md = Path(race.out, "results.md").read_text()
     for line in text:
         assert f"- {line}" in md
     det = [r for r in race.rows if r["pass"] == "deterministic"]
@@ -173,7 +174,7 @@ def test_findings_follow_the_numbers() -> None:
     rows = []
     for seed in (1, 2, 3):
         for orr, faults, wasted in (("refault", 100, 10), ("retry-lower", 120, 40)):
-            r = {k: 0 for k in base}
+            r = dict.fromkeys(base, 0)
             r.update({"pass": "deterministic", "policy": "upstream", "on_race": orr, "memory": "fragmented",
                       "sharing": "interleaved", "cpus": 2, "seed": seed, "pages_touched": 1000, "faults": faults,
                       "faults_per_1k_pages": faults, "pages_wasted_per_1k_pages": wasted, "races": 5,

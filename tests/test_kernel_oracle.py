@@ -190,18 +190,17 @@ def test_thp_settings_restores_even_on_error():
     before = read_thp_settings()
     other = {"64kB": "madvise" if before[1].get("64kB") != "madvise" else "never",
              "16K": "inherit" if before[1].get("16kB") != "inherit" else "never"}
-    with pytest.raises(RuntimeError):
-        with thp_settings("never" if before[0] != "never" else "madvise", other):
-            now = read_thp_settings()
-            assert now[1]["64kB"] == other["64kB"]
-            assert now[1]["16kB"] == other["16K"]
-            assert now[0] != before[0]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), thp_settings("never" if before[0] != "never" else "madvise", other):
+        now = read_thp_settings()
+        assert now[1]["64kB"] == other["64kB"]
+        assert now[1]["16kB"] == other["16K"]
+        assert now[0] != before[0]
+        raise RuntimeError("boom")
     assert read_thp_settings() == before
-    with pytest.raises(KeyboardInterrupt):
-        with thp_settings(None, {"32kB": "madvise" if before[1].get("32kB") != "madvise" else "never"}):
-            assert read_thp_settings() != before
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), \
+            thp_settings(None, {"32kB": "madvise" if before[1].get("32kB") != "madvise" else "never"}):
+        assert read_thp_settings() != before
+        raise KeyboardInterrupt
     assert read_thp_settings() == before
     with thp_settings(None, {}):
         pass

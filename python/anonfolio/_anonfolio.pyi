@@ -177,7 +177,7 @@ class Simulator:
         ConfigError: a bad field.
     """
 
-    def __new__(cls, config: _ConfigArg = None, **fields: Any) -> "Simulator": ...
+    def __new__(cls, config: _ConfigArg = None, **fields: Any) -> Simulator: ...
     @property
     def config(self) -> ConfigDict:
         """The configuration (a dict of ``Config`` fields here; a ``Config`` in ``anonfolio.Simulator``)."""

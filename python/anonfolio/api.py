@@ -238,9 +238,7 @@ def sweep(
 def _is_workloads(w: Any) -> bool:
     if isinstance(w, str):
         return True
-    if isinstance(w, (list, tuple)) and w and all(isinstance(x, str) for x in w):
-        return True
-    return False
+    return bool(isinstance(w, (list, tuple)) and w and all(isinstance(x, str) for x in w))
 
 
 def _is_fields(m: Mapping[str, Any]) -> bool:

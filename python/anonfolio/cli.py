@@ -27,7 +27,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, NoReturn, Optional
 
 from . import _anonfolio
 from .api import SHARING, WORKLOADS, Simulator
@@ -559,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as e:
             # argparse's --help and --version
             return e.code if isinstance(e.code, int) else 0
-        except Exception as e:  # noqa: BLE001 - the one place that must not show a traceback
+        except Exception as e:  # the one place that must not show a traceback
             if os.environ.get("ANONFOLIO_DEBUG"):
                 raise
             _error(f"internal error: {type(e).__name__}: {e}")

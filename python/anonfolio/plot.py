@@ -8,6 +8,7 @@ without it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -36,10 +37,8 @@ def _plt() -> Any:
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        try:
+        with contextlib.suppress(Exception):  # a backend already in use is fine
             matplotlib.use("Agg")
-        except Exception:  # noqa: BLE001 - a backend already in use is fine
-            pass
     import matplotlib.pyplot as plt
 
     return plt
@@ -153,7 +152,8 @@ def grid_plot(
                 ax.plot(xs, [p[1] for p in pts], marker="os^Dv"[k % 5], linestyle=("-", "--", ":", "-.")[k % 4],
                         markersize=6 - k, label=str(h), color=f"C{k}")
                 if all(p[2] != "" and p[3] != "" for p in pts):
-                    ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15, color=f"C{k}", linewidth=0)
+                    ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15, color=f"C{k}",
+                                    linewidth=0)
             if zero_line:
                 ax.axhline(0, color="0.4", linewidth=0.8)
             xs = sorted({r[x] for r in sub})
@@ -188,8 +188,8 @@ def bar_grid(
     rvals, cvals = _grid(rows, row, col)
     xcats = _ordered(r[x] for r in rows)
     hues = _ordered(r[hue] for r in rows)
-    fig, axes = plt.subplots(len(rvals), len(cvals), figsize=(max(4.5, 0.55 * len(xcats) * len(hues)) * len(cvals) / 1.6 + 1,
-                                                            3.0 * len(rvals) + 0.9), squeeze=False)
+    width_in = max(4.5, 0.55 * len(xcats) * len(hues)) * len(cvals) / 1.6 + 1
+    fig, axes = plt.subplots(len(rvals), len(cvals), figsize=(width_in, 3.0 * len(rvals) + 0.9), squeeze=False)
     width = 0.8 / max(1, len(hues))
     for i, rv in enumerate(rvals):
         for j, cv in enumerate(cvals):

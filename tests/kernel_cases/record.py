@@ -59,7 +59,7 @@ class Trace:
     def __init__(self, description: str):
         self.lines = [f"# {line}" for line in description.splitlines()]
 
-    def add(self, line: str) -> "Trace":
+    def add(self, line: str) -> Trace:
         self.lines.append(line)
         return self
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ._grid import KEYS, MEMORY, ON_RACE, DeltaRow, MedianRow
 from ._rows import per
 
-def number(x: float, nd: int = 1) -> str:
-    """A number for prose: thousands separators, ``nd`` decimals (none for big ones)."""
+
+def number(x: Union[float, str], nd: int = 1) -> str:
+    """A number for prose: thousands separators, ``nd`` decimals (none for big
+    ones); a string (``""``: a figure a row does not have) as it is."""
     if isinstance(x, str):
         return x
     if abs(x) >= 100:
@@ -36,7 +38,8 @@ def delta_sentence(d: DeltaRow) -> str:
     if df == 0:
         f = "took as many faults as refault (per-seed difference "
     else:
-        f = (f"{'saved' if df > 0 else 'took'} {number(abs(df))} {'' if df > 0 else 'more '}faults per 1000 pages touched "
+        f = (f"{'saved' if df > 0 else 'took'} {number(abs(df))} {'' if df > 0 else 'more '}"
+             "faults per 1000 pages touched "
              f"({number(per(abs(df), base, 100))}% of refault's {number(base)}; per-seed difference ")
     f += f"{_range(d, 'faults_per_1k_pages')})"
     if dw == 0:
@@ -91,11 +94,12 @@ def findings(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], rows: Sequen
                 mt = median_of(meds, "deterministic", d["policy"], "retry-lower", mem, "interleaved", top)
                 if mr and mt:
                     direct.append(f"{d['policy']} {number(mr['refaults_per_1k_pages'], 2)} refaults "
-                                  f"({number(per(mr['refaults_per_1k_pages'], mr['faults_per_1k_pages'], 100), 2)}% of its "
+                                  f"({number(per(mr['refaults_per_1k_pages'], mr['faults_per_1k_pages'], 100), 2)}% "
+                                  "of its "
                                   f"faults) against {number(mt['retries_per_1k_pages'], 2)} retries")
             if direct:
-                out.append(f"Counted directly at the same point (medians per 1000 pages touched; a refault is the extra "
-                           f"fault that retry-lower replaces by a retry): " + "; ".join(direct) + ".")
+                out.append("Counted directly at the same point (medians per 1000 pages touched; a refault is the extra "
+                           "fault that retry-lower replaces by a retry): " + "; ".join(direct) + ".")
         # 3. Race handling against order selection.
         frag = [m for m in meds if m["pass"] == "deterministic" and m["sharing"] == "interleaved"
                 and int(m["cpus"]) == top and m["on_race"] == "refault"]
@@ -108,12 +112,14 @@ def findings(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], rows: Sequen
             big = max(diffs) if diffs else 0.0
             out.append(
                 f"Order selection moves faults more than race handling: at the same point (memory {mem}, interleaved, "
-                f"{top} CPUs, refault) faults per 1000 pages run from {number(fpp[lo])} ({lo}) to {number(fpp[hi])} ({hi}), "
+                f"{top} CPUs, refault) faults per 1000 pages run from {number(fpp[lo])} ({lo}) "
+                f"to {number(fpp[hi])} ({hi}), "
                 f"a spread of {number(fpp[hi] - fpp[lo])}, while the largest median refault-vs-retry-lower difference "
                 f"anywhere under {mem} memory is {number(big)}."
                 if big < fpp[hi] - fpp[lo] else
-                f"Race handling moves faults as much as order selection here: at memory {mem}, interleaved, {top} CPUs, "
-                f"refault, faults per 1000 pages run from {number(fpp[lo])} ({lo}) to {number(fpp[hi])} ({hi}), while the "
+                f"Race handling moves faults as much as order selection here: at memory {mem}, interleaved, "
+                f"{top} CPUs, refault, faults per 1000 pages run from {number(fpp[lo])} ({lo}) "
+                f"to {number(fpp[hi])} ({hi}), while the "
                 f"largest median refault-vs-retry-lower difference under {mem} memory is {number(big)}."
             )
         # 4. Controls.
@@ -135,7 +141,8 @@ def findings(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], rows: Sequen
             ptl = [int(r["ptl_contended"]) for r in multi]
             out.append(
                 f"Free-running host threads ({ncpu} host CPUs, {sh}, {nt} threads, {len(multi)} runs): median "
-                f"{number(statistics.median(rpk), 2)} races per 1000 faults (range {number(min(rpk), 2)}..{number(max(rpk), 2)}), "
+                f"{number(statistics.median(rpk), 2)} races per 1000 faults "
+                f"(range {number(min(rpk), 2)}..{number(max(rpk), 2)}), "
                 f"median {number(statistics.median(ptl), 0)} contended PTL acquisitions per run (max {max(ptl):,})."
             )
         mem = list(MEMORY)[-1]
@@ -148,7 +155,8 @@ def findings(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], rows: Sequen
             rt = statistics.median(float(r["retries_per_1k_pages"]) for r in ret)
             out.append(
                 f"Free pass, memory {mem}, interleaved, {nt} threads, all policies: refault mode refaulted a median "
-                f"{number(rf, 2)} times per 1000 pages touched ({number(share, 2)}% of its faults: the faults retry-lower "
+                f"{number(rf, 2)} times per 1000 pages touched ({number(share, 2)}% of its faults: "
+                "the faults retry-lower "
                 f"could save); retry-lower retried {number(rt, 2)} times per 1000 pages."
             )
         # ns per page: refault vs retry-lower where they differ in principle.
@@ -161,7 +169,8 @@ def findings(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], rows: Sequen
             (a, ma, la, ha), (b, mb, lb, hb) = cmp
             overlap = not (ha < lb or hb < la)
             out.append(
-                f"Wall time (free pass, memory {mem}, interleaved, {nt} threads, all policies): {a} {number(ma)} ns/page "
+                f"Wall time (free pass, memory {mem}, interleaved, {nt} threads, all policies): "
+                f"{a} {number(ma)} ns/page "
                 f"(range {number(la)}..{number(ha)}), {b} {number(mb)} ns/page (range {number(lb)}..{number(hb)}): "
                 + ("the ranges overlap, so no difference is measurable here." if overlap
                    else f"{'retry-lower' if mb < ma else 'refault'} was faster in every run.")

@@ -34,7 +34,8 @@ PASSES = ("deterministic", "free")
 COLUMNS: dict[str, str] = {
     "pass": "deterministic (seeded interleaving, race windows widened) or free (real host threads)",
     "policy": "order selection: upstream (6.8+), v1 (the seed patch), preferred (preferred order else 0)",
-    "on_race": "after a lost race: refault (drop the folio, fault again) or retry-lower (v1: retry one order lower in the same fault)",
+    "on_race": "after a lost race: refault (drop the folio, fault again) or retry-lower "
+    "(v1: retry one order lower in the same fault)",
     "memory": "plenty, or fragmented (allocations above order 0 fail with probability 0.3)",
     "sharing": "disjoint: a slice per CPU; interleaved: CPUs take turns page by page over one range",
     "cpus": "simulated CPUs (deterministic) or host threads (free)",

@@ -12,6 +12,7 @@ from ..stats import format_bytes
 from ._findings import number
 from ._grid import COLUMNS, MEMORY, DeltaRow, MedianRow, RaceParams
 
+
 def _cell(v: Any) -> str:
     if v == "" or v is None:
         return "–"
@@ -47,8 +48,9 @@ def results_md(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], text: Sequ
         f"Deterministic pass: {format_bytes(params['size'])} per run, CPUs {params['cpus']}, seeds "
         f"{params['first_seed']}..{params['first_seed'] + params['seeds'] - 1} (interleaving and failure injection). "
         + (f"Free pass: {format_bytes(params['free_size'])} per run, host threads {params['free_threads']}, "
-           f"{params['free_repeat']} repeat(s) on a {os.cpu_count()}-CPU host. " if params["free_size"] and params["free_repeat"] else "")
-        + f"Memory: " + ", ".join(f"{k} ({', '.join(f'{a}={b}' for a, b in v.items()) or 'no failures'})"
+           f"{params['free_repeat']} repeat(s) on a {os.cpu_count()}-CPU host. "
+           if params["free_size"] and params["free_repeat"] else "")
+        + "Memory: " + ", ".join(f"{k} ({', '.join(f'{a}={b}' for a, b in v.items()) or 'no failures'})"
                                   for k, v in MEMORY.items()) + ".",
         f"anonfolio {_anonfolio.__version__} ({_anonfolio.build_profile} build); {wall:.1f} s in all.",
         "",
@@ -89,7 +91,7 @@ def results_md(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], text: Sequ
         "PTL contention is not shown: the deterministic schedule never switches CPUs while a lock is held, so it is 0.",
         "",
     ]
-    lines += _table(["memory", "sharing", "policy", "CPUs", "on_race"] + cols,
+    lines += _table(["memory", "sharing", "policy", "CPUs", "on_race", *cols],
                     ([m["memory"], m["sharing"], m["policy"], str(m["cpus"]), m["on_race"]] + [_mm(m, c) for c in cols]
                      for m in det), left=5)
     free = [m for m in meds if m["pass"] == "free"]
@@ -97,9 +99,9 @@ def results_md(meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], text: Sequ
         cols = ["ns_per_page", "faults_per_1k_pages", "races_per_1k_faults", "refaults_per_1k_pages",
                 "retries_per_1k_pages", "pages_wasted_per_1k_pages", "ptl_contended", "mean_folio_kb"]
         lines += ["", "## Free-running pass: medians [min..max] over the repeats", ""]
-        lines += _table(["memory", "sharing", "policy", "threads", "on_race"] + cols,
-                        ([m["memory"], m["sharing"], m["policy"], str(m["cpus"]), m["on_race"]] + [_mm(m, c) for c in cols]
-                         for m in free), left=5)
+        lines += _table(["memory", "sharing", "policy", "threads", "on_race", *cols],
+                        ([m["memory"], m["sharing"], m["policy"], str(m["cpus"]), m["on_race"],
+                          *(_mm(m, c) for c in cols)] for m in free), left=5)
     if pngs:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
     if note:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -14,8 +13,10 @@ from ..config import Config
 from ..stats import format_bytes
 from ._grid import MEMORY, DeltaRow, MedianRow
 
-def race_plots(out: str, meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], orders: Mapping[str, npt.NDArray[np.uint64]],
-                cfg: Config, nbytes: int, free_bytes: int, workload: str, seeds: int) -> list[str]:
+
+def race_plots(out: str, meds: Sequence[MedianRow], deltas: Sequence[DeltaRow],
+               orders: Mapping[str, npt.NDArray[np.uint64]], cfg: Config, nbytes: int, free_bytes: int,
+               workload: str, seeds: int) -> list[str]:
     written = []
     det = [m for m in meds if m["pass"] == "deterministic" and m["sharing"] == "interleaved"]
     sub = f"{workload} over {format_bytes(nbytes)}, interleaved, deterministic ({seeds} seeds: median, min..max)"
@@ -48,7 +49,8 @@ def race_plots(out: str, meds: Sequence[MedianRow], deltas: Sequence[DeltaRow], 
     if free:
         long = []
         for m in free:
-            for mtr, label in (("ns_per_page", "ns per page touched"), ("ptl_contended", "PTL contended acquisitions per run"),
+            for mtr, label in (("ns_per_page", "ns per page touched"),
+                               ("ptl_contended", "PTL contended acquisitions per run"),
                                ("races_per_1k_faults", "races per 1000 faults")):
                 long.append(dict(m, metric=label, value=m[mtr], value_min=m[mtr + "_min"], value_max=m[mtr + "_max"],
                                  x=f"{m['policy']}\n{m['cpus']} thr"))

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, TextIO, Union
+from typing import Optional, TextIO, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -18,10 +18,25 @@ from ..api import Simulator
 from ..config import POLICIES, Config
 from ..stats import format_bytes
 from ._findings import findings
-from ._grid import COLUMNS, KEYS, MEMORY, METRICS, ON_RACE, RACE_POLICIES_CONFIG, DeltaRow, MedianRow, Point, RaceParams, RaceRow
+from ._grid import (
+    COLUMNS,
+    KEYS,
+    MEMORY,
+    METRICS,
+    ON_RACE,
+    RACE_POLICIES_CONFIG,
+    DeltaRow,
+    MedianRow,
+    Point,
+    RaceParams,
+    RaceRow,
+)
 from ._markdown import results_md
 from ._plots import race_plots
 from ._rows import byte_count, medians, paired_deltas, run_row
+
+#: Where race-policies writes unless told otherwise.
+DEFAULT_OUT = os.path.join("out", "race-policies")
 
 
 @dataclasses.dataclass
@@ -44,7 +59,7 @@ class RacePoliciesResult:
 
 
 def race_policies(
-    out: Union[str, "os.PathLike[str]"] = os.path.join("out", "race-policies"),
+    out: Union[str, os.PathLike[str]] = DEFAULT_OUT,
     *,
     size: Union[int, str] = "48M",
     cpus: Sequence[int] = (1, 2, 4, 8),

@@ -19,7 +19,8 @@ from ._markdown import knobs_summary
 from ._rows import byte_count
 
 SCALING_COLUMNS: dict[str, str] = {
-    "workload": "page_fault1 (each thread maps SIZE, writes a byte a page, unmaps; ITERATIONS times) or sequential (SIZE split between threads)",
+    "workload": "page_fault1 (each thread maps SIZE, writes a byte a page, unmaps; ITERATIONS times) "
+    "or sequential (SIZE split between threads)",
     "threads": "host threads",
     "repeat": "repeat index",
     "ops": "pages touched",
@@ -85,7 +86,7 @@ def scaling(
     iterations: int = 10,
     repeat: int = 3,
     config: Optional[Config] = None,
-    out: Union[str, "os.PathLike[str]", None] = None,
+    out: Union[str, os.PathLike[str], None] = None,
     plots: bool = True,
     log: Optional[TextIO] = None,
 ) -> ScalingResult:
@@ -99,7 +100,7 @@ def scaling(
         raise ValueError(f"scaling: workload must be page_fault1 or sequential, not {workload!r}")
     cfg = config or RACE_POLICIES_CONFIG
     nbytes = byte_count(size if size is not None else ("128M" if workload == "page_fault1" else "1G"))
-    threads = sorted(set(int(t) for t in threads))
+    threads = sorted({int(t) for t in threads})
     runs: list[ScalingRun] = []
     for rep in range(repeat):
         for nt in threads:
@@ -120,7 +121,7 @@ def scaling(
         for c in ("ops", "faults", "elapsed_s", "ops_per_s", "mmap_contended", "ptl_contended", "zone_contended"):
             vals = [r[c] for r in grp]
             med = statistics.median(vals)
-            m[c] = round(med, 6) if c == "elapsed_s" else int(round(med))
+            m[c] = round(med, 6) if c == "elapsed_s" else round(med)
             m[c + "_min"], m[c + "_max"] = min(vals), max(vals)
         meds.append(m)
     one = next((m["ops_per_s"] for m in meds if m["threads"] == 1), None)
@@ -137,13 +138,15 @@ def scaling(
 
     what = (f"{workload}: " + (f"{format_bytes(nbytes)} per thread x {iterations} iteration(s)"
                                if workload == "page_fault1" else f"{format_bytes(nbytes)} split between the threads")
-            + f"; policy {cfg.policy}, {knobs_summary(cfg)}; median of {repeat} run(s) on a {os.cpu_count()}-CPU host")
-    hdr = ["threads", "ops/s", "linear ops/s", "efficiency", "range ops/s", "faults", "mmap contended", "zone contended"]
+            + f"; policy {cfg.policy}, {knobs_summary(cfg)}; "
+            f"median of {repeat} run(s) on a {os.cpu_count()}-CPU host")
+    hdr = ["threads", "ops/s", "linear ops/s", "efficiency", "range ops/s", "faults", "mmap contended",
+           "zone contended"]
     body = [[str(m["threads"]), f"{m['ops_per_s']:,}", f"{m['linear_ops_per_s']:,}", f"{m['efficiency']:.2f}",
              f"{m['ops_per_s_min']:,}..{m['ops_per_s_max']:,}", f"{m['faults']:,}", f"{m['mmap_contended']:,}",
              f"{m['zone_contended']:,}"] for m in meds]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(hdr)]
-    table = "\n".join([what, ""] + ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [hdr] + body])
+    table = "\n".join([what, ""] + ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [hdr, *body]])
 
     files: list[str] = []
     if out is not None:
