@@ -4,7 +4,6 @@ one-line errors. Most tests call ``anonfolio.cli.main`` in-process; a few run
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess

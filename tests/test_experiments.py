@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 
 from anonfolio import cli, experiments, plot
+from anonfolio.experiments import _findings
 
 # One small run of race-policies shared by the tests below (module scope):
 # every axis value at least once, 2 seeds, a tiny free-running pass.
@@ -36,10 +38,20 @@ def test_race_policies_writes_its_files(race: experiments.RacePoliciesResult) ->
             with open(os.path.join(race.out, name), "rb") as f:
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
             assert name in race.files
-    md = open(os.path.join(race.out, "results.md")).read()
+    md = Path(race.out, "results.md").read_text()
     for png in race.files:
         if png.endswith(".png"):
             assert f"]({png})" in md
+
+
+def test_row_shapes_are_the_columns(race: experiments.RacePoliciesResult) -> None:
+    """RaceRow and ScalingRow (the typed rows) have exactly the CSV columns."""
+    assert list(experiments.RaceRow.__annotations__) == list(experiments.COLUMNS)
+    assert all(list(r) == list(experiments.COLUMNS) for r in race.rows)
+    assert list(experiments.Point.__annotations__) == list(experiments.KEYS)
+    assert set(experiments.ScalingRow.__annotations__) == set(experiments.SCALING_COLUMNS)
+    res = experiments.scaling(workload="sequential", threads=(1,), size="1M", repeat=1)
+    assert set(res.rows[0]) == set(experiments.SCALING_COLUMNS)
 
 
 def test_every_run_is_in_the_csv(race: experiments.RacePoliciesResult) -> None:
@@ -122,7 +134,7 @@ def test_paired_deltas(race: experiments.RacePoliciesResult) -> None:
 
 def test_findings_match_the_table(race: experiments.RacePoliciesResult) -> None:
     text = race.findings
-    md = open(os.path.join(race.out, "results.md")).read()
+    md = Path(race.out, "results.md").read_text()
     for line in text:
         assert f"- {line}" in md
     det = [r for r in race.rows if r["pass"] == "deterministic"]
@@ -137,16 +149,16 @@ def test_findings_match_the_table(race: experiments.RacePoliciesResult) -> None:
     frag = next((t for t in text if t.startswith(f"Memory fragmented, interleaved, {top} CPUs")), None)
     for d in race.deltas:
         if d["memory"] == "fragmented" and d["sharing"] == "interleaved" and d["cpus"] == top and frag:
-            assert experiments._delta_sentence(d) in frag
+            assert _findings.delta_sentence(d) in frag
             df = d["faults_per_1k_pages"]
             if df:
-                assert f"{'saved' if df > 0 else 'took'} {experiments._f(abs(df))} " in frag
+                assert f"{'saved' if df > 0 else 'took'} {_findings.number(abs(df))} " in frag
     direct = next((t for t in text if t.startswith("Counted directly")), None)
     if frag:
         assert direct is not None
         for pol in ("upstream", "v1", "preferred"):
-            m = experiments._med(race.medians, "deterministic", pol, "refault", "fragmented", "interleaved", top)
-            assert f"{pol} {experiments._f(m['refaults_per_1k_pages'], 2)} refaults" in direct
+            m = _findings.median_of(race.medians, "deterministic", pol, "refault", "fragmented", "interleaved", top)
+            assert f"{pol} {_findings.number(m['refaults_per_1k_pages'], 2)} refaults" in direct
     one = [r for r in det if r["cpus"] == 1]
     assert f"1-CPU runs lost 0 races in {len(one)} runs" in " ".join(text)
     # The medians table in results.md has one line per deterministic point.
@@ -162,7 +174,7 @@ def test_findings_follow_the_numbers() -> None:
     rows = []
     for seed in (1, 2, 3):
         for orr, faults, wasted in (("refault", 100, 10), ("retry-lower", 120, 40)):
-            r = {k: 0 for k in base}
+            r = dict.fromkeys(base, 0)
             r.update({"pass": "deterministic", "policy": "upstream", "on_race": orr, "memory": "fragmented",
                       "sharing": "interleaved", "cpus": 2, "seed": seed, "pages_touched": 1000, "faults": faults,
                       "faults_per_1k_pages": faults, "pages_wasted_per_1k_pages": wasted, "races": 5,

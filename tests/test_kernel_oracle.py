@@ -8,10 +8,12 @@ kernel oracle itself.
     ``python -m anonfolio replay`` processes and must print the same);
     faults, rss_bytes and every recorded per-size counter must match exactly
     (a size or counter missing from the simulator's JSON counts as 0).
-(b) Live tests on this machine's kernel, skipped unless the THP knobs can be
-    changed (root, writable sysfs, Linux 6.8+): a few cases re-run on the
-    kernel and compared with the simulator, and ``thp_settings`` restoring
-    the knobs.
+(b) Live tests on this machine's kernel (marked ``host_thp``): a few cases
+    re-run on the kernel and compared with the simulator, ``validate``, and
+    ``thp_settings`` restoring the knobs. They change the host's THP knobs
+    for a moment, so they run only with ``ANONFOLIO_KERNEL_TESTS=1`` (see
+    conftest.py), and then only where the knobs can be changed (root,
+    writable sysfs, Linux 6.8+).
 """
 
 from __future__ import annotations
@@ -131,16 +133,21 @@ def test_simulator_matches_kernel(case, simulated):
 # ---------------------------------------------------------------------------
 # Live kernel tests
 
-def _can_change():
-    try:
-        from anonfolio.kernel import can_change_thp
-    except ImportError as e:  # pragma: no cover
-        return False, f"anonfolio.kernel does not import: {e}"
-    return can_change_thp()
+@pytest.fixture(scope="session")
+def live_kernel() -> None:
+    """Skips unless this process can set the THP knobs. Asked only by tests
+    that ``ANONFOLIO_KERNEL_TESTS=1`` lets run: even the probe writes a knob
+    (its own value)."""
+    from anonfolio.kernel import can_change_thp
+
+    ok, why = can_change_thp()
+    if not ok:
+        pytest.skip(f"cannot change the kernel's THP settings: {why}")
 
 
-_LIVE_OK, _LIVE_WHY = _can_change()
-live = pytest.mark.skipif(not _LIVE_OK, reason=f"cannot change the kernel's THP settings: {_LIVE_WHY}")
+def live(f):
+    """A test that sets the host's THP knobs (and restores them)."""
+    return pytest.mark.host_thp(pytest.mark.usefixtures("live_kernel")(f))
 
 LIVE_CASES = ["seq-64k", "combo-64k-pmd-offset-vma", "dontneed-partial-pmd-with-64k",
               "read-then-write-16k-64k", "munmap-inside-64k-folio"]
@@ -183,18 +190,17 @@ def test_thp_settings_restores_even_on_error():
     before = read_thp_settings()
     other = {"64kB": "madvise" if before[1].get("64kB") != "madvise" else "never",
              "16K": "inherit" if before[1].get("16kB") != "inherit" else "never"}
-    with pytest.raises(RuntimeError):
-        with thp_settings("never" if before[0] != "never" else "madvise", other):
-            now = read_thp_settings()
-            assert now[1]["64kB"] == other["64kB"]
-            assert now[1]["16kB"] == other["16K"]
-            assert now[0] != before[0]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), thp_settings("never" if before[0] != "never" else "madvise", other):
+        now = read_thp_settings()
+        assert now[1]["64kB"] == other["64kB"]
+        assert now[1]["16kB"] == other["16K"]
+        assert now[0] != before[0]
+        raise RuntimeError("boom")
     assert read_thp_settings() == before
-    with pytest.raises(KeyboardInterrupt):
-        with thp_settings(None, {"32kB": "madvise" if before[1].get("32kB") != "madvise" else "never"}):
-            assert read_thp_settings() != before
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), \
+            thp_settings(None, {"32kB": "madvise" if before[1].get("32kB") != "madvise" else "never"}):
+        assert read_thp_settings() != before
+        raise KeyboardInterrupt
     assert read_thp_settings() == before
     with thp_settings(None, {}):
         pass
@@ -215,20 +221,26 @@ def test_kernel_replay_reports_bad_traces():
     assert read_thp_settings() == before
 
 
-def test_size_names_normalise():
-    from anonfolio.kernel import normalize_size, parse_thp_args
+def test_kernel_commands_read_the_options_as_replay_does(capsys):
+    """One configuration layer: kernel-replay and validate take the knobs
+    with replay's parser into the same Config, spellings and errors alike."""
+    from anonfolio import Config, cli
 
-    assert normalize_size("64K") == "64kB"
-    assert normalize_size("2M") == "2048kB"
-    assert normalize_size("hugepages-16kB") == "16kB"
-    assert normalize_size("8KiB") == "8kB"
-    with pytest.raises(ValueError):
-        normalize_size("4kB")
-    with pytest.raises(ValueError):
-        normalize_size("4M")
-    assert parse_thp_args(["64K=always", "2M=never"]) == {"64kB": "always", "2048kB": "never"}
-    with pytest.raises(ValueError):
-        parse_thp_args(["64K=sometimes"])
+    parser = cli.build_parser()
+    opts = ["t.trace", "--thp-enabled", "never", "--thp", "64K=always", "--thp", "2M=never", "--thp", "16kB=madvise"]
+    want = cli.config_from_args(parser.parse_args(["replay", *opts]))
+    assert want == Config(enabled="never", hugepages={"64kB": "always", "2048kB": "never", "16kB": "madvise"})
+    for cmd in ("kernel-replay", "validate"):
+        assert cli.config_from_args(parser.parse_args([cmd, *opts])) == want, cmd
+    assert cli.config_from_args(parser.parse_args(["validate", *opts, "--policy", "v1"])).policy == "v1"
+    # The same message for the same bad size; the kernel has no policy to choose.
+    errors = []
+    for cmd in ("replay", "kernel-replay", "validate"):
+        assert cli.main([cmd, "t.trace", "--thp", "4M=always"]) == 2
+        errors.append(capsys.readouterr().err.replace(cmd, "CMD"))
+    assert len(set(errors)) == 1 and "4M" in errors[0], errors
+    assert cli.main(["kernel-replay", "t.trace", "--policy", "v1"]) == 2
+    assert "--policy" in capsys.readouterr().err
 
 
 def test_validate_bad_input_exits_2(tmp_path):
@@ -247,8 +259,22 @@ def test_validate_bad_input_exits_2(tmp_path):
 
 @live
 def test_validate_cli_matches():
-    proc = subprocess.run([sys.executable, "-m", "anonfolio", "validate", str(CASES_DIR / "seq-64k.trace"),
-                           "--thp", "64K=madvise", "--thp", "2M=never"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode in (0, 1), proc.stderr
-    assert "faults" in proc.stdout and ("MATCH" in proc.stdout or "DIFF" in proc.stdout)
+    """seq-64k under madvise knobs (no other process gets 64 kB folios): the
+    simulator and the kernel agree on every figure, and validate says so."""
+    args = [sys.executable, "-m", "anonfolio", "validate", str(CASES_DIR / "seq-64k.trace"),
+            "--thp", "64K=madvise", "--thp", "2M=never"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DIFF" not in proc.stdout and proc.stdout.rstrip().endswith("all match"), proc.stdout
+    rows = {line.split()[0] for line in proc.stdout.splitlines()[1:-1]}
+    assert {"faults", "rss_bytes", "64kB"} <= rows, proc.stdout
+    proc = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    j = json.loads(proc.stdout)
+    from anonfolio.results import KernelReplay, ValidateResult, ValidateRow
+
+    assert list(j) == list(ValidateResult.__annotations__)
+    assert list(j["kernel"]) == list(KernelReplay.__annotations__)
+    assert all(list(r) == list(ValidateRow.__annotations__) for r in j["rows"])
+    assert j["match"] is True and all(r["match"] for r in j["rows"]), j["rows"]
+    assert j["simulator"]["faults"] == j["kernel"]["faults"] == 16

@@ -33,8 +33,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # a checkout without an installed package
+if str(ROOT / "python") not in sys.path:
+    sys.path.append(str(ROOT / "python"))  # a checkout without an installed package
 
 SHARED = Path("/work/shared/kernel-examples")
 
@@ -59,7 +59,7 @@ class Trace:
     def __init__(self, description: str):
         self.lines = [f"# {line}" for line in description.splitlines()]
 
-    def add(self, line: str) -> "Trace":
+    def add(self, line: str) -> Trace:
         self.lines.append(line)
         return self
 

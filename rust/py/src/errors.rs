@@ -10,8 +10,8 @@
 //! class attributes `line`, `address` and `stats` default to `None`.
 
 use std::any::Any;
+use std::cell::{Cell, RefCell};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Mutex;
 
 use anonfolio::Error;
 use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
@@ -218,27 +218,68 @@ impl<T> IntoPyResult<T> for Result<T, Error> {
 
 // ---------------------------------------------------------------------------
 // Panics
+//
+// A panic inside a guarded call becomes `AnonfolioError("internal error: ...")`
+// and prints nothing: the exception says it all. Any other panic of the
+// process (another extension's, a thread the core spawned) must still reach
+// the hook that was there before, so ours is chained and acts only while the
+// panicking thread is inside `guard`.
 
-/// Where the last panic in this library happened, recorded by our hook so
-/// that the message can say it without printing anything to stderr.
-static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+thread_local! {
+    /// How deep the current thread is in `guard` calls (they may nest).
+    static GUARDED: Cell<u32> = const { Cell::new(0) };
+    /// The message and place of the last panic inside a guarded call on this
+    /// thread, taken by `guard` when it catches the unwind.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
 
+/// Installs the hook once per process; the hook that was set before it
+/// (Rust's default, or whoever set one) keeps handling every panic outside
+/// a guarded call, and also those inside one when `ANONFOLIO_PANIC_VERBOSE`
+/// is set.
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let verbose = std::env::var_os("ANONFOLIO_PANIC_VERBOSE").is_some();
         let previous = panic::take_hook();
         panic::set_hook(Box::new(move |info| {
-            let loc = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-            let msg = payload_str(info.payload());
-            if let Ok(mut last) = LAST_PANIC.lock() {
-                *last = Some(format!("{msg}{loc}"));
+            // try_with: a panic while this thread's locals are being torn
+            // down is not ours (and must not panic again here).
+            if GUARDED.try_with(Cell::get).unwrap_or(0) == 0 {
+                return previous(info);
             }
+            let loc = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let msg = payload_str(info.payload());
+            let _ = LAST_PANIC.try_with(|last| {
+                if let Ok(mut last) = last.try_borrow_mut() {
+                    *last = Some(format!("{msg}{loc}"));
+                }
+            });
             if verbose {
                 previous(info);
             }
         }));
     });
+}
+
+/// Marks the current thread as inside `guard` while it lives; dropping it
+/// (also while unwinding) unmarks it.
+struct Guarded;
+
+impl Guarded {
+    fn enter() -> Self {
+        GUARDED.with(|g| g.set(g.get() + 1));
+        Guarded
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
+    }
 }
 
 fn payload_str(p: &(dyn Any + Send)) -> String {
@@ -264,9 +305,19 @@ impl Panic {
 
 /// Runs `f`, turning a panic into [`Panic`]. Safe to call with or without
 /// the GIL; the closure must not touch Python objects if run detached.
+///
+/// Only panics on the calling thread are caught here; the core catches those
+/// of the threads it runs simulated CPUs on and reports them as errors.
 pub fn guard<T>(f: impl FnOnce() -> T) -> Result<T, Panic> {
-    panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
-        let recorded = LAST_PANIC.lock().ok().and_then(|mut l| l.take());
+    let r = {
+        let _g = Guarded::enter();
+        panic::catch_unwind(AssertUnwindSafe(f))
+    };
+    r.map_err(|p| {
+        let recorded = LAST_PANIC
+            .try_with(|last| last.borrow_mut().take())
+            .ok()
+            .flatten();
         Panic(recorded.unwrap_or_else(|| payload_str(&*p)))
     })
 }

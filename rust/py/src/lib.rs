@@ -71,6 +71,22 @@ fn check_trace(py: Python<'_>, trace: String) -> PyResult<usize> {
     }
 }
 
+/// Test hook, not API: panics with `message`, inside the guard that every
+/// call into the core goes through (`guarded=True`: the caller sees
+/// `AnonfolioError("internal error: ...")` and nothing is printed) or outside
+/// it (`guarded=False`: PyO3 raises its `PanicException` and the process's
+/// panic hook prints the panic, as for any panic that is not ours to catch).
+/// The test suite uses it to prove both paths.
+#[pyfunction]
+#[pyo3(signature = (message, *, guarded = true))]
+fn _debug_panic(py: Python<'_>, message: String, guarded: bool) -> PyResult<()> {
+    if guarded {
+        guard_py(py, || panic!("{message}"))
+    } else {
+        panic!("{message}")
+    }
+}
+
 #[pymodule]
 fn _anonfolio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -93,6 +109,7 @@ fn _anonfolio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(size_name, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_config, m)?)?;
     m.add_function(wrap_pyfunction!(check_trace, m)?)?;
+    m.add_function(wrap_pyfunction!(_debug_panic, m)?)?;
     oracle::register(m)?;
     Ok(())
 }

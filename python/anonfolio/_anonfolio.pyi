@@ -5,11 +5,13 @@ Use the public package ``anonfolio`` rather than this module: its
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Optional, Union
+from typing import Any, Final, Optional, Protocol, Union
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import disjoint_base
+
+from anonfolio.results import ConfigDict, KernelRun, RunDict, StatsDict, VmaDict
 
 __all__ = [
     "AnonfolioError",
@@ -31,6 +33,7 @@ __all__ = [
     "TraceError",
     "VMSTAT_COUNTERS",
     "__version__",
+    "_debug_panic",
     "build_profile",
     "check_trace",
     "kernel_replay",
@@ -63,7 +66,13 @@ FAULT_PATHS: Final[tuple[str, ...]]
 CONFIG_FIELDS: Final[tuple[str, ...]]
 
 _ByteCount = Union[int, str]
-_ConfigArg = Union[Mapping[str, Any], Any, None]
+class _NativeConfig(Protocol):
+    """What the native module takes as a configuration besides a mapping:
+    an object with ``_to_native()`` (``anonfolio.Config``)."""
+
+    def _to_native(self) -> Mapping[str, Any]: ...
+
+_ConfigArg = Union[Mapping[str, Any], _NativeConfig, None]
 
 class AnonfolioError(Exception):
     """Base class of every error anonfolio raises.
@@ -78,7 +87,8 @@ class AnonfolioError(Exception):
 
     line: Optional[int]
     address: Optional[int]
-    stats: Optional[Any]
+    #: A dict (``RunDict``) from this module, a ``Stats`` from the public API.
+    stats: Optional[Mapping[str, Any]]
 
 class TraceError(AnonfolioError, ValueError):
     """A trace line that does not parse; ``line`` names it."""
@@ -119,7 +129,7 @@ def parse_thp_size(text: str) -> int:
 def size_name(order: int) -> str:
     """The sysfs name of an order's size: 4 -> ``"64kB"``."""
 
-def normalize_config(config: _ConfigArg = None, **fields: Any) -> dict[str, Any]:
+def normalize_config(config: _ConfigArg = None, **fields: Any) -> ConfigDict:
     """Validates configuration fields (see ``anonfolio.Config``) and returns
     them normalised: every size in ``hugepages``, byte counts as ints,
     ``fail_orders`` a sorted tuple of orders.
@@ -136,7 +146,7 @@ def check_trace(trace: str) -> int:
         RangeError: an unaligned or out-of-range mmap/munmap/madvise range.
     """
 
-def kernel_replay(trace_text: str) -> dict[str, Any]:
+def kernel_replay(trace_text: str) -> KernelRun:
     """Replays a trace on the running Linux kernel with the THP settings
     sysfs holds now. See ``anonfolio.kernel.kernel_replay``, which sets and
     restores the knobs.
@@ -145,6 +155,12 @@ def kernel_replay(trace_text: str) -> dict[str, Any]:
         TraceError, RangeError: the trace is bad.
         OracleError: the kernel could not run it.
     """
+
+def _debug_panic(message: str, *, guarded: bool = True) -> None:
+    """Test hook, not API: panics with ``message`` inside the guard every call
+    into the core goes through (``guarded=True``: raises
+    ``AnonfolioError("internal error: ...")``, prints nothing) or outside it
+    (``guarded=False``: PyO3's ``PanicException``; the panic hook prints it)."""
 
 @disjoint_base
 class Simulator:
@@ -161,9 +177,9 @@ class Simulator:
         ConfigError: a bad field.
     """
 
-    def __new__(cls, config: _ConfigArg = None, **fields: Any) -> "Simulator": ...
+    def __new__(cls, config: _ConfigArg = None, **fields: Any) -> Simulator: ...
     @property
-    def config(self) -> Any:
+    def config(self) -> ConfigDict:
         """The configuration (a dict of ``Config`` fields here; a ``Config`` in ``anonfolio.Simulator``)."""
 
     def mmap(
@@ -223,7 +239,7 @@ class Simulator:
         threads: int = 1,
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
-    ) -> Any:
+    ) -> RunDict:
         """Replays a trace (its text) with the GIL released. ``threads``:
         simulated CPUs on host threads (each ``@T`` thread runs its own lines
         in order); ``deterministic``: the seed of a deterministic interleaving.
@@ -249,7 +265,7 @@ class Simulator:
         iterations: Optional[int] = None,
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
-    ) -> Any:
+    ) -> RunDict:
         """Maps a VMA of ``size`` bytes (default 1 GiB) advised MADV_HUGEPAGE
         and writes to it in the workload's order (None: ``sequential``): ``sequential``,
         ``reverse``, ``stride`` (every ``stride``-th page), ``random`` (a
@@ -264,13 +280,13 @@ class Simulator:
             RangeError: the workload's VMA overlaps an existing mapping.
         """
 
-    def stats(self) -> Any:
+    def stats(self) -> StatsDict:
         """Every counter so far, summed over the simulated CPUs: ``faults``,
         ``rss_bytes``, ``elapsed_s`` (all replays/runs/touches), ``mthp``
         (sizes with a non-zero counter), ``vmstat``, ``locks``, ``races``,
         ``fault_paths``, ``folio_orders`` (uint64 array by order), ``memory``."""
 
-    def vmas(self) -> list[Any]:
+    def vmas(self) -> list[VmaDict]:
         """The VMAs, lowest first: dicts with ``start``, ``end``, ``hugepage``, ``nohugepage``, ``uffd_wp``."""
 
     def check_invariants(self) -> None:

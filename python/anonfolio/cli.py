@@ -6,14 +6,19 @@
                   [--threads N] [--sharing disjoint|interleaved] [--deterministic SEED]
                   [same THP/policy options] [--json]
     anonfolio experiment race-policies [--out DIR]
+    anonfolio experiment scaling [--threads N,N,...]
+    anonfolio kernel-replay TRACE [THP options] [--json]
+    anonfolio validate TRACE [THP options] [--policy P] [--json]
 
 Bad input exits with status 2 and one line on stderr, ``anonfolio: error: ...``.
 
-Other modules add subcommands through :func:`main`'s registry: a module with
-``add_subcommands(subparsers)`` (``anonfolio.kernel``) gets the subparsers
-object; each subcommand sets ``func=handler`` with ``set_defaults``, where
-``handler(args) -> int | None`` returns the exit status. Helpers for them:
-:func:`add_config_options`, :func:`config_from_args`, :func:`emit`, :class:`CliError`.
+Every command reads its THP knobs (and the simulated machine, where it has
+one) with the same options, built by :func:`add_config_options`, into a
+:class:`~anonfolio.config.Config` by :func:`config_from_args`; sizes and
+byte counts go through the native parsers. ``kernel-replay`` and
+``validate`` hand that configuration to :mod:`anonfolio.kernel`, the one
+module that touches the running kernel. Each subcommand sets
+``func=handler``, where ``handler(args) -> int`` returns the exit status.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, NoReturn, Optional
 
 from . import _anonfolio
 from .api import SHARING, WORKLOADS, Simulator
 from .config import ENABLED_MODES, POLICIES, Config
+from .results import ConfigJson, KernelReplay, ValidateResult
 from .stats import Stats
 
 __all__ = ["main", "build_parser", "add_config_options", "config_from_args", "emit", "CliError", "ArgumentParser"]
@@ -111,9 +118,14 @@ def _thp_spec(text: str) -> str:
 # Shared options
 
 
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """The THP/policy options of ``replay`` and ``run`` (and the machine's)."""
-    g = p.add_argument_group("THP knobs and policy (as /sys/kernel/mm/transparent_hugepage/)")
+def add_config_options(
+    p: argparse.ArgumentParser, *, policy: bool = True, preempt: bool = True, machine: bool = True
+) -> None:
+    """The options that make a :class:`Config`: the THP knobs always; the
+    fault-path policy (``--policy``, ``--on-race``), the deterministic
+    schedule's ``--preempt`` and the simulated machine when asked (the
+    kernel oracle has only the knobs)."""
+    g = p.add_argument_group(f"THP knobs{' and policy' if policy else ''} (as /sys/kernel/mm/transparent_hugepage/)")
     g.add_argument(
         "--thp-enabled", choices=ENABLED_MODES, metavar="MODE",
         help="transparent_hugepage/enabled: always, madvise (default) or never",
@@ -123,14 +135,20 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         help="hugepages-SIZE/enabled (SIZE as 64kB, 64K, 2M; MODE always|inherit|madvise|never); "
         "repeatable. Default: 2048kB=inherit, every other size never",
     )
-    g.add_argument("--policy", choices=POLICIES, metavar="POLICY",
-                   help="fault path: upstream (default; Linux 6.8..6.18), v1 (the seed patch) or preferred")
-    g.add_argument("--on-race", choices=("refault", "retry-lower"), metavar="HOW",
-                   help="after a lost race: refault (upstream, preferred) or retry-lower (v1); default: the policy's own")
-    g.add_argument("--preempt", type=_fraction, metavar="P",
-                   help="with --deterministic: probability of switching CPUs at each race point (default 0.5; "
-                   "higher widens the race windows)")
-    g.add_argument("--no-zero-page", action="store_true", help="use_zero_page=0: no huge zero page (a read fault in a THP-eligible range allocates)")
+    if policy:
+        g.add_argument("--policy", choices=POLICIES, metavar="POLICY",
+                       help="fault path: upstream (default; Linux 6.8..6.18), v1 (the seed patch) or preferred")
+        g.add_argument("--on-race", choices=("refault", "retry-lower"), metavar="HOW",
+                       help="after a lost race: refault (upstream, preferred) or retry-lower (v1); "
+                       "default: the policy's own")
+    if preempt:
+        g.add_argument("--preempt", type=_fraction, metavar="P",
+                       help="with --deterministic: probability of switching CPUs at each race point (default 0.5; "
+                       "higher widens the race windows)")
+    g.add_argument("--no-zero-page", action="store_true",
+                   help="use_zero_page=0: no huge zero page (a read fault in a THP-eligible range allocates)")
+    if not machine:
+        return
     m = p.add_argument_group("simulated machine")
     m.add_argument("--memory", type=_bytes, metavar="BYTES", help="physical memory (default 4T)")
     m.add_argument("--memcg-limit", type=_bytes, metavar="BYTES", help="memcg memory.max (default unlimited)")
@@ -172,9 +190,9 @@ def _config_summary(cfg: Config) -> str:
     return f"policy {cfg.policy}, enabled={cfg.enabled}, mTHP sizes: {sizes}"
 
 
-def _json_config(cfg: Config) -> dict[str, Any]:
-    return {"enabled": cfg.enabled, "hugepages": dict(cfg.hugepages), "policy": cfg.policy,
-            "use_zero_page": cfg.use_zero_page}
+def _json_config(cfg: Config) -> ConfigJson:
+    return ConfigJson(enabled=cfg.enabled, hugepages=dict(cfg.hugepages), policy=cfg.policy,
+                      use_zero_page=cfg.use_zero_page)
 
 
 def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Optional[dict[str, Any]] = None) -> None:
@@ -201,19 +219,23 @@ def _fail_with_partial(e: _anonfolio.AnonfolioError, args: argparse.Namespace, e
 # Commands
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    path = args.trace
+def _read_trace(path: str) -> str:
+    """The text of the trace file ``path`` (``-``: standard input)."""
     try:
         if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
     except OSError as e:
         raise CliError(f"cannot read trace {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise CliError(f"trace {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    path = args.trace
+    text = _read_trace(path)
     sim = Simulator(cfg)
     extra = {"config": _json_config(cfg)}
     try:
@@ -287,6 +309,65 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(res.table + "\n")
     return 0
+
+
+def _on_the_kernel(text: str, cfg: Config) -> KernelReplay:
+    """The trace on the running kernel; what stops it there (no root, no
+    userfaultfd, a knob that cannot be written) exits with status 1, bad
+    input with 2."""
+    from . import kernel
+
+    try:
+        return kernel.kernel_replay(text, cfg)
+    except _anonfolio.OracleError as e:
+        raise CliError(f"the kernel oracle failed: {_one_line(str(e))}", status=1) from None
+    except OSError as e:
+        raise CliError(f"cannot run on the kernel: {e.strerror or e}", status=1) from None
+
+
+def _kernel_table(result: KernelReplay) -> str:
+    lines = [f"kernel {result['kernel']}",
+             f"faults     {result['faults']}",
+             f"rss_bytes  {result['rss_bytes']}",
+             f"elapsed_s  {result['elapsed_s']:.6f}"]
+    for size, counters in result["mthp"].items():
+        nz = {k: v for k, v in counters.items() if v}
+        if nz:
+            lines.append(f"{size:>7}  " + "  ".join(f"{k}={v}" for k, v in nz.items()))
+    nz = {k: v for k, v in result["vmstat"].items() if v}
+    if nz:
+        lines.append("vmstat   " + "  ".join(f"{k}={v}" for k, v in nz.items()))
+    return "\n".join(lines)
+
+
+def cmd_kernel_replay(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    result = _on_the_kernel(_read_trace(args.trace), cfg)
+    sys.stdout.write((json.dumps(result) if args.json else _kernel_table(result)) + "\n")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from . import kernel
+
+    cfg = config_from_args(args)
+    text = _read_trace(args.trace)
+    _anonfolio.check_trace(text)  # bad input is reported before anything runs
+    sim = dict(Simulator(cfg).replay(text).to_dict(), config=_json_config(cfg))
+    kern = _on_the_kernel(text, cfg)
+    rows = kernel.compare(sim, kern)
+    ok = all(r["match"] for r in rows)
+    if args.json:
+        out = ValidateResult(match=ok, rows=rows, simulator=sim, kernel=kern)
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        w = max([len(r["name"]) for r in rows] + [len("figure")])
+        lines = [f"{'figure':<{w}}  {'simulator':>12}  {'kernel':>12}  result"]
+        lines += [f"{r['name']:<{w}}  {r['simulator']:>12}  {r['kernel']:>12}  {'MATCH' if r['match'] else 'DIFF'}"
+                  for r in rows]
+        lines.append(f"kernel {kern['kernel']}, policy {cfg.policy}: {'all match' if ok else 'DIFFERENT'}")
+        sys.stdout.write("\n".join(lines) + "\n")
+    return 0 if ok else 1
 
 
 # ----------------------------------------------------------------------------
@@ -408,23 +489,32 @@ def build_parser() -> ArgumentParser:
     sc.set_defaults(func=cmd_scaling)
     e.set_defaults(func=lambda a: _missing(e, "experiment"))
 
-    _add_plugins(sub)
+    k = sub.add_parser(
+        "kernel-replay",
+        help="replay a trace on the running kernel (root; sets and restores the THP knobs)",
+        description="Replays TRACE on this machine's Linux kernel, in this process, with the given THP knobs "
+                    "(every size written explicitly, all restored afterwards), and prints what the kernel did.",
+    )
+    k.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")
+    add_config_options(k, policy=False, preempt=False, machine=False)
+    k.add_argument("--json", action="store_true", help="print one JSON object")
+    k.set_defaults(func=cmd_kernel_replay)
+
+    v = sub.add_parser(
+        "validate",
+        help="replay a trace on the simulator and on the kernel and compare",
+        description="Replays TRACE on the simulator and on the running kernel with the same THP knobs and prints "
+                    "the figures side by side. Exit status 0 when all match, 1 when they differ, 2 for bad input.",
+    )
+    v.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")
+    add_config_options(v, preempt=False, machine=False)
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=cmd_validate)
     return p
 
 
 def _missing(p: argparse.ArgumentParser, what: str) -> int:
     raise CliError(f"missing {what} name (see '{p.prog} --help')")
-
-
-def _add_plugins(sub: Any) -> None:
-    """Subcommands other modules provide (kernel-replay, validate)."""
-    try:
-        from . import kernel
-    except ImportError:
-        return
-    add = getattr(kernel, "add_subcommands", None)
-    if add is not None:
-        add(sub)
 
 
 def _error(msg: str) -> None:
@@ -449,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except CliError as e:
             _error(str(e))
             return e.status
-        except _anonfolio.OutOfMemory as e:
+        except (_anonfolio.OutOfMemory, _anonfolio.OracleError) as e:
             _error(str(e))
             return 1
         except _anonfolio.InvariantError as e:
@@ -470,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except SystemExit as e:
             # argparse's --help and --version
             return e.code if isinstance(e.code, int) else 0
-        except Exception as e:  # noqa: BLE001 - the one place that must not show a traceback
+        except Exception as e:  # the one place that must not show a traceback
             if os.environ.get("ANONFOLIO_DEBUG"):
                 raise
             _error(f"internal error: {type(e).__name__}: {e}")

@@ -13,12 +13,14 @@ uses), so a value is accepted here exactly when the simulator accepts it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
 from . import _anonfolio
+from .results import ConfigDict
 
 __all__ = ["Config", "THP_SIZES", "ENABLED_MODES", "SIZE_MODES", "POLICIES"]
 
@@ -91,7 +93,7 @@ class Config:
             raise _anonfolio.ConfigError("hugepages: expected a mapping like {'64kB': 'always'}")
         if isinstance(fields["fail_orders"], Iterable) and not isinstance(fields["fail_orders"], (str, bytes)):
             fields["fail_orders"] = list(fields["fail_orders"])
-        norm = _anonfolio.normalize_config(fields)
+        norm: Mapping[str, Any] = _anonfolio.normalize_config(fields)
         for name, value in norm.items():
             if name == "hugepages":
                 value = types.MappingProxyType(dict(value))
@@ -124,19 +126,26 @@ class Config:
         return (_from_fields, (self.to_dict(),))
 
     # ------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> ConfigDict:
         """The fields as a plain dict (``hugepages`` a dict, ``fail_orders`` a list)."""
-        d: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if f.name == "hugepages":
-                v = dict(v)
-            elif f.name == "fail_orders":
-                v = list(v)
-            d[f.name] = v
-        return d
+        # The fields are normalised (byte counts and orders are ints) by __post_init__.
+        return ConfigDict(
+            enabled=self.enabled,
+            hugepages=dict(self.hugepages),
+            use_zero_page=self.use_zero_page,
+            policy=self.policy,
+            on_race=self.on_race,
+            preempt=self.preempt,
+            memory=int(self.memory),
+            memcg_limit=None if self.memcg_limit is None else int(self.memcg_limit),
+            fragmentation=self.fragmentation,
+            fail_orders=[int(o) for o in self.fail_orders],
+            fail_rate=self.fail_rate,
+            seed=self.seed,
+            check_invariants=self.check_invariants,
+        )
 
-    def _to_native(self) -> dict[str, Any]:
+    def _to_native(self) -> ConfigDict:
         """The dict ``anonfolio._anonfolio.Simulator`` takes."""
         return self.to_dict()
 
@@ -196,7 +205,7 @@ class Config:
     @classmethod
     def from_args(
         cls,
-        args: Any = None,
+        args: Optional[argparse.Namespace] = None,
         *,
         thp_enabled: Optional[str] = None,
         thp: Iterable[str] = (),
@@ -274,7 +283,7 @@ def _selected(text: str) -> str:
     return text
 
 
-def _from_fields(d: dict[str, Any]) -> Config:
+def _from_fields(d: Mapping[str, Any]) -> Config:
     return Config(**d)
 
 
@@ -282,4 +291,4 @@ def _default_sizes() -> dict[str, str]:
     return dict(_anonfolio.normalize_config()["hugepages"])
 
 
-_DEFAULT_FIELDS: dict[str, Any] = dict(_anonfolio.normalize_config())
+_DEFAULT_FIELDS: Mapping[str, Any] = _anonfolio.normalize_config()

@@ -22,42 +22,8 @@ The pieces:
 
 from __future__ import annotations
 
-
-def _load_native() -> None:
-    """Imports the native module. When this package is a source checkout
-    without a built extension (``python -m pytest`` from the repository puts
-    the checkout first on ``sys.path``, ahead of the installed package), the
-    installed package's extension is used: its folder joins ``__path__``."""
-    try:
-        from . import _anonfolio  # noqa: F401
-    except ImportError as first:
-        import glob
-        import os
-        import sys
-
-        here = os.path.realpath(os.path.dirname(__file__))
-        for entry in sys.path:
-            cand = os.path.join(entry or os.getcwd(), "anonfolio")
-            if os.path.realpath(cand) == here or not glob.glob(os.path.join(cand, "_anonfolio*.so")) + glob.glob(
-                os.path.join(cand, "_anonfolio*.pyd")
-            ):
-                continue
-            __path__.append(cand)
-            try:
-                from . import _anonfolio  # noqa: F401,F811
-            except ImportError:
-                __path__.remove(cand)
-                continue
-            return
-        raise ImportError(
-            "anonfolio's native module is not built: run `pip install .` (or `maturin develop`) first"
-        ) from first
-
-
-_load_native()
-
-from . import _anonfolio  # noqa: E402
-from ._anonfolio import (  # noqa: E402
+from . import _anonfolio
+from ._anonfolio import (
     AnonfolioError,
     ConfigError,
     InvariantError,
@@ -71,9 +37,9 @@ from ._anonfolio import (  # noqa: E402
     parse_thp_size,
     size_name,
 )
-from .api import SHARING, WORKLOADS, Simulator, Vma, replay, run, sweep  # noqa: E402
-from .config import ENABLED_MODES, POLICIES, SIZE_MODES, THP_SIZES, Config  # noqa: E402
-from .stats import Stats  # noqa: E402
+from .api import SHARING, WORKLOADS, Simulator, Vma, replay, run, sweep
+from .config import ENABLED_MODES, POLICIES, SIZE_MODES, THP_SIZES, Config
+from .stats import Stats
 
 __version__: str = _anonfolio.__version__
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _anonfolio
 from .config import Config
@@ -94,18 +95,19 @@ class Simulator(_anonfolio.Simulator):
         """The VMAs, lowest address first."""
         return [Vma(**v) for v in super().vmas()]
 
-    def touch(self, addrs: Any, write: bool = True) -> int:
+    def touch(self, addrs: Union[npt.NDArray[np.integer[Any]], Sequence[int]], write: bool = True) -> int:
         """One access per address in ``addrs`` (a numpy array or a sequence
         of ints), in order, with the GIL released. Returns how many were
         done; on an error (e.g. SegmentationFault) the exception's ``index``
         says which address failed, and the accesses before it stand."""
-        if isinstance(addrs, np.ndarray) and addrs.dtype != np.uint64:
+        if not isinstance(addrs, np.ndarray):
+            return super().touch(addrs, write)
+        if addrs.dtype != np.uint64:
             if addrs.dtype.kind not in "iu":
                 raise TypeError(f"addrs: expected an integer array, got dtype {addrs.dtype}")
             if addrs.dtype.kind == "i" and addrs.size and addrs.min() < 0:
                 raise _anonfolio.RangeError("addrs: negative address")
-            addrs = addrs.astype(np.uint64)
-        return super().touch(addrs, write)
+        return super().touch(addrs.astype(np.uint64, copy=False), write)
 
     def replay(  # type: ignore[override]
         self,
@@ -236,9 +238,7 @@ def sweep(
 def _is_workloads(w: Any) -> bool:
     if isinstance(w, str):
         return True
-    if isinstance(w, (list, tuple)) and w and all(isinstance(x, str) for x in w):
-        return True
-    return False
+    return bool(isinstance(w, (list, tuple)) and w and all(isinstance(x, str) for x in w))
 
 
 def _is_fields(m: Mapping[str, Any]) -> bool:

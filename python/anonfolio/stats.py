@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 
@@ -202,11 +202,11 @@ class Stats(_ReadOnlyView):
 
     @property
     def mthp(self) -> MthpTable:
-        return self._d["mthp"]
+        return cast(MthpTable, self._d["mthp"])
 
     @property
     def locks(self) -> LockTable:
-        return self._d["locks"]
+        return cast(LockTable, self._d["locks"])
 
     @property
     def folio_orders(self) -> np.ndarray:

@@ -8,13 +8,18 @@ without it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from . import _anonfolio
 from .stats import Stats
+
+if TYPE_CHECKING:  # matplotlib is optional at run time
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["available", "line_plot", "grid_plot", "bar_grid", "scaling_plot", "folio_histogram", "mthp_bars"]
 
@@ -32,16 +37,14 @@ def _plt() -> Any:
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        try:
+        with contextlib.suppress(Exception):  # a backend already in use is fine
             matplotlib.use("Agg")
-        except Exception:  # noqa: BLE001 - a backend already in use is fine
-            pass
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def _finish(fig: Any, path: Optional[str]) -> Any:
+def _finish(fig: Figure, path: Optional[str]) -> Figure:
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120)
@@ -60,7 +63,7 @@ def line_plot(
     title: str = "",
     ylabel: Optional[str] = None,
     logy: bool = False,
-) -> Any:
+) -> Figure:
     """One line per ``hue`` value of ``y`` against ``x``; one panel per
     ``facet`` value. ``rows`` are dicts (e.g. the rows of an experiment's CSV).
     Saves to ``path`` if given; returns the figure."""
@@ -103,7 +106,7 @@ def _grid(rows: Sequence[Mapping[str, Any]], row: Optional[str], col: Optional[s
             _ordered(r[col] for r in rows) if col else [None])
 
 
-def _panel(ax: Any, rows: Sequence[Mapping[str, Any]], row: Optional[str], rv: Any,
+def _panel(ax: Axes, rows: Sequence[Mapping[str, Any]], row: Optional[str], rv: Any,
            col: Optional[str], cv: Any) -> list[Mapping[str, Any]]:
     """Titles the panel ``rv / cv`` and returns its rows."""
     label = " / ".join(str(v) for v in (rv, cv) if v is not None)
@@ -126,7 +129,7 @@ def grid_plot(
     xlabel: Optional[str] = None,
     sharey: Any = True,
     zero_line: bool = False,
-) -> Any:
+) -> Figure:
     """Lines of ``y`` against ``x``, one per ``hue`` value, in a grid of
     panels (``row`` x ``col`` values). When rows have ``<y>_min`` and
     ``<y>_max`` the line gets an error band from min to max (e.g. over
@@ -149,7 +152,8 @@ def grid_plot(
                 ax.plot(xs, [p[1] for p in pts], marker="os^Dv"[k % 5], linestyle=("-", "--", ":", "-.")[k % 4],
                         markersize=6 - k, label=str(h), color=f"C{k}")
                 if all(p[2] != "" and p[3] != "" for p in pts):
-                    ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15, color=f"C{k}", linewidth=0)
+                    ax.fill_between(xs, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15, color=f"C{k}",
+                                    linewidth=0)
             if zero_line:
                 ax.axhline(0, color="0.4", linewidth=0.8)
             xs = sorted({r[x] for r in sub})
@@ -176,7 +180,7 @@ def bar_grid(
     col: Optional[str] = None,
     path: Optional[str] = None,
     title: str = "",
-) -> Any:
+) -> Figure:
     """Grouped bars of ``y`` per ``x`` category and ``hue``, in a grid of
     panels; each panel has its own y scale and is titled ``row / col``.
     ``<y>_min``/``<y>_max`` give error bars when present."""
@@ -184,8 +188,8 @@ def bar_grid(
     rvals, cvals = _grid(rows, row, col)
     xcats = _ordered(r[x] for r in rows)
     hues = _ordered(r[hue] for r in rows)
-    fig, axes = plt.subplots(len(rvals), len(cvals), figsize=(max(4.5, 0.55 * len(xcats) * len(hues)) * len(cvals) / 1.6 + 1,
-                                                            3.0 * len(rvals) + 0.9), squeeze=False)
+    width_in = max(4.5, 0.55 * len(xcats) * len(hues)) * len(cvals) / 1.6 + 1
+    fig, axes = plt.subplots(len(rvals), len(cvals), figsize=(width_in, 3.0 * len(rvals) + 0.9), squeeze=False)
     width = 0.8 / max(1, len(hues))
     for i, rv in enumerate(rvals):
         for j, cv in enumerate(cvals):
@@ -218,7 +222,7 @@ def scaling_plot(
     *,
     path: Optional[str] = None,
     title: str = "Scaling",
-) -> Any:
+) -> Figure:
     """Operations per second against threads (median, min..max error bars)
     with the linear reference, each point labelled with its efficiency."""
     plt = _plt()
@@ -254,7 +258,7 @@ def folio_histogram(
     path: Optional[str] = None,
     title: str = "Folios mapped by size",
     weight: str = "bytes",
-) -> Any:
+) -> Figure:
     """Grouped bars of ``Stats.folio_orders`` for each labelled run.
     ``weight="bytes"`` shows the share of mapped memory in each size,
     ``"count"`` the number of folios."""
@@ -285,7 +289,7 @@ def mthp_bars(
     *,
     path: Optional[str] = None,
     title: Optional[str] = None,
-) -> Any:
+) -> Figure:
     """Grouped bars of one ``hugepages-*/stats`` counter by size for each labelled run."""
     plt = _plt()
     sizes = list(_anonfolio.THP_SIZES)
