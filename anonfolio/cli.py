@@ -417,14 +417,17 @@ def _missing(p: argparse.ArgumentParser, what: str) -> int:
 
 
 def _add_plugins(sub: Any) -> None:
-    """Subcommands other modules provide (kernel-replay, validate)."""
-    try:
-        from . import kernel
-    except ImportError:
-        return
-    add = getattr(kernel, "add_subcommands", None)
-    if add is not None:
-        add(sub)
+    """Subcommands other modules provide (kernel-replay, validate, record)."""
+    import importlib
+
+    for name in ("kernel", "record"):
+        try:
+            mod = importlib.import_module(f".{name}", __package__)
+        except ImportError:
+            continue
+        add = getattr(mod, "add_subcommands", None)
+        if add is not None:
+            add(sub)
 
 
 def _error(msg: str) -> None:
