@@ -18,13 +18,14 @@ import shutil
 import signal
 import struct
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 from . import procfs
 from .model import Mm, RecordError, Snapshot
-from .tracefs import EventFormat, Instance, MissedEvents, TracefsError, read_events
+from .tracefs import INSTANCE_PREFIX, EventFormat, Instance, MissedEvents, TracefsError, read_events
 from .tracer import Tracer, child_setup
 
 #: The memory system calls whose effects a trace carries.
@@ -47,6 +48,8 @@ class Result:
     events: int = 0
     lines: int = 0
     error: Optional[str] = None
+    run_s: float = 0.0  # from starting COMMAND to the last traced task's end
+    process_s: float = 0.0  # decoding the events and writing the traces
 
 
 def trace_path(out: Path, tgid: int, root: int) -> Path:
@@ -87,7 +90,7 @@ def record(command: Sequence[str], out: Path, buffer_kb: int = DEFAULT_BUFFER_KB
     if not out.parent.is_dir():
         raise RecordError(f"{out.parent}: no such directory for the trace")
     try:
-        inst = Instance(f"anonfolio-record-{os.getpid()}", buffer_kb)
+        inst = Instance(f"{INSTANCE_PREFIX}{os.getpid()}", buffer_kb)
     except TracefsError as e:
         raise RecordError(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="anonfolio-record-") as tmp:
@@ -132,7 +135,9 @@ def _record(inst: Instance, exe: str, command: List[str], out: Path, zero: int, 
         inst.enable(EVENTS)
         paths = inst.start_readers(tmp)
         inst.on()
+        t0 = time.perf_counter()
         tracer.run()
+        run_s = time.perf_counter() - t0
         inst.stop()
     finally:
         signal.signal(signal.SIGINT, old_int)
@@ -142,12 +147,14 @@ def _record(inst: Instance, exe: str, command: List[str], out: Path, zero: int, 
         raise RecordError(f"cannot run {command[0]!r}: {failed}")
     st = tracer.root_status if tracer.root_status is not None else 0
     status = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
-    res = Result(status)
+    res = Result(status, run_s=run_s)
     losses = inst.losses()
+    t1 = time.perf_counter()
     try:
         _process(formats, paths, snaps, tracer, out, pid, res)
     except MissedEvents as e:
         losses.append(str(e))
+    res.process_s = time.perf_counter() - t1
     if losses:
         res.error = "the tracing lost events, the trace is incomplete: " + "; ".join(losses)
     elif tracer.errors:

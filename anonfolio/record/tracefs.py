@@ -21,12 +21,14 @@ the kernel flagged with missed events.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import re
 import select
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -106,6 +108,7 @@ class Instance:
             os.system("mount -t tracefs nodev /sys/kernel/tracing >/dev/null 2>&1")
         if not (TRACEFS / "instances").is_dir():
             raise TracefsError(f"tracefs is not available at {TRACEFS} (mount -t tracefs nodev {TRACEFS})")
+        _remove_orphans()
         self.dir = TRACEFS / "instances" / name
         try:
             self.dir.mkdir()
@@ -154,8 +157,18 @@ class Instance:
 
     def marker(self, text: str) -> None:
         """Writes ``text`` as an ``ftrace:print`` event, stamped in the same
-        counter order as the traced program's events."""
-        self._write("trace_marker", text)
+        counter order as the traced program's events. A full buffer refuses
+        it (EBADF); the readers are draining it meanwhile, so try again."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                with open(self.dir / "trace_marker", "w") as f:
+                    f.write(text)
+                return
+            except OSError as e:
+                if e.errno != errno.EBADF or time.monotonic() > deadline:
+                    raise TracefsError(f"cannot write a marker into {self.dir}: {e.strerror}") from None
+                time.sleep(0.001)
 
     def start_readers(self, outdir: Path) -> List[Path]:
         paths = []
@@ -225,6 +238,23 @@ class Instance:
             pass
         try:
             self.dir.rmdir()
+        except OSError:
+            pass
+
+
+INSTANCE_PREFIX = "anonfolio-record-"
+
+
+def _remove_orphans() -> None:
+    """Removes instances left by recorders that were killed (their pid is
+    gone): each holds ring buffers the kernel would keep forever."""
+    for d in (TRACEFS / "instances").glob(INSTANCE_PREFIX + "*"):
+        pid = d.name[len(INSTANCE_PREFIX) :]
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            (d / "events" / "enable").write_text("0")
+            d.rmdir()
         except OSError:
             pass
 
