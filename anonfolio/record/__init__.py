@@ -51,6 +51,12 @@ def add_subcommands(subparsers: Any) -> None:
         metavar="KB",
         help=f"tracefs ring buffer per CPU, in KiB (default {DEFAULT_BUFFER_KB})",
     )
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="print on stderr, after the run: events read, trace lines, the program's run "
+        "time under the recorder and the time spent writing the traces",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND [ARG...]")
     p.set_defaults(func=cmd_record)
 
@@ -73,6 +79,11 @@ def cmd_record(args: argparse.Namespace) -> int:
         res = record(command, args.output, buffer_kb=args.buffer_size)
     except RecordError as e:
         return _fail(f"record: {e}")
+    if getattr(args, "stats", False):
+        sys.stderr.write(
+            f"record: {res.events} events, {res.lines} trace lines in {len(res.traces)} file(s); "
+            f"run {res.run_s:.3f} s, processing {res.process_s:.3f} s\n"
+        )
     if res.error:
         return _fail(f"record: {res.error}")
     return res.status

@@ -265,8 +265,8 @@ def _process(
                 tasks[snap.tid] = _Task(mm, mm.new_thread())
         res.lines = sum(t.mm.lines for t in {id(t.mm): t for t in tasks.values()}.values())
     finally:
-        for f in files.values():
-            f.close()
+        for fh in files.values():
+            fh.close()
 
 
 def _syscall(task: _Task, name: str, args: Tuple[int, ...], ret: int) -> None:
