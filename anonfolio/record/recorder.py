@@ -151,7 +151,7 @@ def _record(inst: Instance, exe: str, command: List[str], out: Path, zero: int, 
     losses = inst.losses()
     t1 = time.perf_counter()
     try:
-        _process(formats, paths, snaps, tracer, out, pid, res)
+        _process(formats, paths, inst.page_size, snaps, tracer, out, pid, res)
     except MissedEvents as e:
         losses.append(str(e))
     res.process_s = time.perf_counter() - t1
@@ -175,6 +175,7 @@ class _Task:
 def _process(
     formats: Dict[int, EventFormat],
     paths: List[Path],
+    page_size: int,
     snaps: Dict[int, Snapshot],
     tracer: Tracer,
     out: Path,
@@ -213,7 +214,7 @@ def _process(
         return Mm(f, str(path))
 
     try:
-        for _ts, _cpu, etype, data in read_events(paths):
+        for _ts, _cpu, etype, data in read_events(paths, page_size):
             res.events += 1
             kind = kinds.get(etype)
             if kind is None:

@@ -122,6 +122,11 @@ class Instance:
         self._errors: List[str] = []
         self.missed_pages = 0
         self.ncpu = len(list((self.dir / "per_cpu").glob("cpu*")))
+        # trace_pipe_raw hands out whole sub-buffers (one page unless set otherwise)
+        try:
+            self.page_size = int((self.dir / "buffer_subbuf_size_kb").read_text()) * 1024
+        except (OSError, ValueError):
+            self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._write("tracing_on", "0")
         self._write("trace_clock", clock)
         self._write("options/overwrite", "0")
