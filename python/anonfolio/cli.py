@@ -510,6 +510,10 @@ def build_parser() -> ArgumentParser:
     add_config_options(v, preempt=False, machine=False)
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_validate)
+
+    from .record import add_subcommands as add_record
+
+    add_record(sub)
     return p
 
 

@@ -1,0 +1,253 @@
+"""ptrace, through ctypes, for the few moments the recorder must hold a
+process still: right after ``execve`` (to read the image the kernel built),
+when a fork's child first stops (to read the copy it got), and at exit
+(``PTRACE_O_TRACEEXIT``: the mm is still there to compare with). System
+calls and faults are not ptraced; they come from the tracepoints.
+
+Each such moment is written into the trace stream as a marker, so the
+stream processing knows exactly which events came before the snapshot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Set
+
+from . import procfs
+from .model import Snapshot
+
+PTRACE_TRACEME = 0
+PTRACE_CONT = 7
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_O_TRACEFORK = 0x02
+PTRACE_O_TRACEVFORK = 0x04
+PTRACE_O_TRACECLONE = 0x08
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_EVENT_CLONE = 1, 2, 3
+PTRACE_EVENT_EXEC, PTRACE_EVENT_VFORK_DONE, PTRACE_EVENT_EXIT = 4, 5, 6
+WALL = 0x40000000  # __WALL: wait for threads too
+PR_SET_THP_DISABLE = 41
+ADDR_NO_RANDOMIZE = 0x0040000
+SYS_KCMP = 312
+KCMP_VM = 1
+PF_EXITING = 0x4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.syscall.restype = ctypes.c_long
+
+
+def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    r = _libc.ptrace(req, pid, ctypes.c_void_p(addr), ctypes.c_void_p(data))
+    if r == -1:
+        e = ctypes.get_errno()
+        if e:
+            raise OSError(e, f"ptrace({req}, {pid}): {os.strerror(e)}")
+    return int(r)
+
+
+def event_msg(pid: int) -> int:
+    out = ctypes.c_ulong(0)
+    _libc.ptrace(PTRACE_GETEVENTMSG, pid, None, ctypes.byref(out))
+    return int(out.value)
+
+
+def same_mm(a: int, b: int) -> bool:
+    """kcmp(KCMP_VM): do tasks a and b share one mm?"""
+    return _libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0
+
+
+def child_setup() -> None:
+    """In the forked child, before execve: be traced, THP off for this mm and
+    all it will exec and fork (PR_SET_THP_DISABLE is inherited and kept
+    across execve), no address-space randomisation (as setarch -R), then
+    stop until the recorder is ready."""
+    if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
+        raise OSError(ctypes.get_errno(), "ptrace(PTRACE_TRACEME)")
+    if _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
+    cur = _libc.personality(0xFFFFFFFF)
+    if _libc.personality(cur | ADDR_NO_RANDOMIZE) == -1:
+        raise OSError(ctypes.get_errno(), "personality(ADDR_NO_RANDOMIZE)")
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _status_field(tid: int, name: str) -> Optional[int]:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith(name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class Group:
+    """The live tasks sharing one mm, as ptrace sees them."""
+
+    gid: int
+    tasks: Set[int] = field(default_factory=set)
+    exit_stopped: Set[int] = field(default_factory=set)
+    checked: bool = False
+    traced: bool = True  # False for the image before the command's execve
+
+
+class Tracer:
+    """Runs the ptrace loop until every traced task is gone.
+
+    ``on_snapshot(snap)`` is called with each snapshot; it must write the
+    marker into the trace stream (the snapshot's key) before it returns, and
+    before the task is let go.
+    """
+
+    def __init__(self, root: int, zero_pfn: int, on_snapshot: Callable[[Snapshot], None]):
+        self.root = root
+        self.zero_pfn = zero_pfn
+        self.on_snapshot = on_snapshot
+        self.groups: Dict[int, Group] = {}
+        self.group_of: Dict[int, int] = {}
+        self.shares: Dict[int, bool] = {}  # new task -> runs in its creator's mm
+        self.known: Set[int] = set()
+        self.root_status: Optional[int] = None
+        self.unchecked: List[int] = []
+        self._next_gid = 0
+        self.errors: List[str] = []
+
+    def _new_group(self, tid: int, traced: bool = True) -> Group:
+        self._next_gid += 1
+        g = Group(self._next_gid, {tid}, traced=traced)
+        self.groups[g.gid] = g
+        self.group_of[tid] = g.gid
+        return g
+
+    def _leave(self, tid: int, abandon: bool = False) -> None:
+        """``tid`` is gone from its mm (``abandon``: by execve, which drops
+        the old image unchecked)."""
+        gid = self.group_of.pop(tid, None)
+        if gid is None:
+            return
+        g = self.groups[gid]
+        g.tasks.discard(tid)
+        g.exit_stopped.discard(tid)
+        if not g.tasks:
+            if g.traced and not g.checked and not abandon:
+                self.unchecked.append(gid)
+            del self.groups[gid]
+
+    def _snapshot(self, kind: str, tid: int) -> Snapshot:
+        tgid = _status_field(tid, "Tgid") or tid
+        vmas = procfs.read_smaps(tgid, tid)
+        pages = procfs.present_pages(tgid, vmas, self.zero_pfn, tid)
+        return Snapshot(kind, tid, tgid, vmas, pages, procfs.start_brk(tgid))
+
+    def start(self) -> None:
+        """The root child has stopped itself before execve: trace it."""
+        opts = (
+            PTRACE_O_TRACEFORK
+            | PTRACE_O_TRACEVFORK
+            | PTRACE_O_TRACECLONE
+            | PTRACE_O_TRACEEXEC
+            | PTRACE_O_TRACEEXIT
+            | PTRACE_O_EXITKILL
+        )
+        _ptrace(PTRACE_SETOPTIONS, self.root, 0, opts)
+        self.known.add(self.root)
+        self._new_group(self.root, traced=False)
+
+    def cont(self, tid: int, sig: int = 0) -> None:
+        try:
+            _ptrace(PTRACE_CONT, tid, 0, sig)
+        except OSError:
+            pass  # the task died meanwhile (SIGKILL): its exit is reported by wait
+
+    def run(self) -> None:
+        self.cont(self.root)
+        while True:
+            try:
+                tid, status = os.waitpid(-1, WALL)
+            except ChildProcessError:
+                return
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                if tid == self.root:
+                    self.root_status = status
+                self._leave(tid)
+                continue
+            if not os.WIFSTOPPED(status):
+                continue
+            sig = os.WSTOPSIG(status)
+            event = status >> 16
+            try:
+                if sig == signal.SIGTRAP and event:
+                    self._event(tid, event)
+                    self.cont(tid)
+                elif tid not in self.known:
+                    self._first_stop(tid)
+                    self.cont(tid)
+                else:
+                    self.cont(tid, sig)  # a signal for the program: deliver it
+            except OSError as e:
+                self.errors.append(f"reading /proc of task {tid}: {e.strerror or e}")
+                self.cont(tid)
+
+    def _event(self, tid: int, event: int) -> None:
+        if event == PTRACE_EVENT_EXEC:
+            former = event_msg(tid)
+            self._leave(former, abandon=True)
+            self._leave(tid, abandon=True)
+            self.known.add(tid)
+            self._new_group(tid)
+            self.on_snapshot(self._snapshot("exec", tid))
+        elif event == PTRACE_EVENT_EXIT:
+            self._exit_stop(tid)
+        # FORK/VFORK/CLONE: the child's own first stop does the work
+
+    def _first_stop(self, tid: int) -> None:
+        """A new task, stopped before it runs a user instruction."""
+        self.known.add(tid)
+        tgid = _status_field(tid, "Tgid")
+        ppid = _status_field(tid, "PPid")
+        creator: Optional[int] = None
+        if tgid is not None and tgid != tid:
+            creator = tgid  # a thread: CLONE_THREAD implies CLONE_VM
+        elif ppid is not None and same_mm(tid, ppid):
+            creator = ppid  # vfork, or clone(CLONE_VM) without CLONE_THREAD
+        if creator is not None and creator in self.group_of:
+            self.shares[tid] = True
+            gid = self.group_of[creator]
+            self.groups[gid].tasks.add(tid)
+            self.group_of[tid] = gid
+            return
+        self.shares[tid] = False
+        self._new_group(tid)
+        self.on_snapshot(self._snapshot("fork", tid))
+
+    def _exit_stop(self, tid: int) -> None:
+        gid = self.group_of.get(tid)
+        if gid is None:
+            return
+        g = self.groups[gid]
+        g.exit_stopped.add(tid)
+        if g.checked or not g.traced:
+            return
+        if all(self._exiting(t, g) for t in g.tasks if t != tid):
+            # The last task, or exit_group/a fatal signal (the others are being
+            # killed): the mm is whole until this task goes on.
+            g.checked = True
+            self.on_snapshot(self._snapshot("exit", tid))
+
+    @staticmethod
+    def _exiting(t: int, g: Group) -> bool:
+        if t in g.exit_stopped:
+            return True
+        tgid = _status_field(t, "Tgid") or t
+        flags, sigkill = procfs.task_flags(tgid, t)
+        return flags < 0 or sigkill or bool(flags & PF_EXITING)
