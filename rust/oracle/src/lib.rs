@@ -44,6 +44,9 @@
 //!   the same time show up here.
 //! - `vmstat`: deltas of `/proc/vmstat` THP counters (also system-wide).
 //! - `elapsed_s`: wall seconds of the loop.
+//! - `folio_orders`: this process's own folios inside the reservation by
+//!   order, read from its pagemap and `/proc/kpageflags` after the loop,
+//!   before anything is unmapped ([`folios_by_order`]); not system-wide.
 //!
 //! The loop itself does not allocate: operations are translated into a
 //! flat array beforehand, and errors are recorded in a fixed-size slot.
@@ -135,6 +138,11 @@ pub struct KernelRun {
     pub kernel_release: String,
     /// The harness overhead subtracted from `faults`.
     pub harness_faults: u64,
+    /// Folios of this process inside the reservation at the end, by order
+    /// (index 0 = order 0), from its own page table ([`folios_by_order`]);
+    /// None when `/proc/self/pagemap` or `/proc/kpageflags` cannot be read.
+    /// Unlike `mthp`, no other process can change these.
+    pub folio_orders: Option<Vec<u64>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -700,6 +708,89 @@ fn smaps_rss(lo: u64, hi: u64) -> Result<(u64, u64)> {
     Ok((rss, huge))
 }
 
+/// The anonymous folios mapped in `[lo, hi)` of this process, counted by
+/// order, the way the kernel's `tools/mm/thpmaps` reads them (this function
+/// has no kernel counterpart): each present page's PFN from
+/// `/proc/self/pagemap`, its flags from `/proc/kpageflags`; a page with
+/// `KPF_COMPOUND_TAIL` belongs to the nearest `KPF_COMPOUND_HEAD` below it,
+/// and a head's order is log2 of 1 + the tails after it. Each folio counts
+/// once, even if only some of its pages are still mapped; zero pages
+/// (`KPF_ZERO_PAGE`, the huge one too) do not count. Needs CAP_SYS_ADMIN
+/// (without it pagemap hides the PFNs, which is reported as an error).
+pub fn folios_by_order(lo: u64, hi: u64) -> Result<Vec<u64>> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::FileExt;
+    const PM_PRESENT: u64 = 1 << 63;
+    const PM_PFN_MASK: u64 = (1 << 55) - 1;
+    const KPF_COMPOUND_HEAD: u64 = 1 << 15;
+    const KPF_COMPOUND_TAIL: u64 = 1 << 16;
+    const KPF_ZERO_PAGE: u64 = 1 << 24;
+    const MAX_FOLIO: u64 = 512;
+    let open = |path: &str| std::fs::File::open(path).map_err(|e| Error::Oracle(format!("cannot read {path}: {e}")));
+    let (pagemap, kpageflags) = (open("/proc/self/pagemap")?, open("/proc/kpageflags")?);
+    let words = |f: &std::fs::File, index: u64, n: usize, what: &str| -> Result<Vec<u64>> {
+        let mut buf = vec![0u8; n * 8];
+        let got = f.read_at(&mut buf, index * 8).map_err(|e| Error::Oracle(format!("cannot read {what}: {e}")))?;
+        Ok(buf[..got - got % 8].chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect())
+    };
+    let flags = |pfn: u64| -> Result<u64> {
+        words(&kpageflags, pfn, 1, "/proc/kpageflags")?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Oracle(format!("/proc/kpageflags has no PFN {pfn:#x}")))
+    };
+    let mut heads: HashMap<u64, usize> = HashMap::new();
+    let mut vpn = lo / PAGE;
+    while vpn < hi / PAGE {
+        let n = (hi / PAGE - vpn).min(MAX_FOLIO) as usize;
+        let entries = words(&pagemap, vpn, n, "/proc/self/pagemap")?;
+        if entries.is_empty() {
+            break;
+        }
+        vpn += entries.len() as u64;
+        for e in entries {
+            if e & PM_PRESENT == 0 {
+                continue;
+            }
+            let pfn = e & PM_PFN_MASK;
+            if pfn == 0 {
+                return Err(Error::Oracle("/proc/self/pagemap hides PFNs (needs CAP_SYS_ADMIN)".into()));
+            }
+            let f = flags(pfn)?;
+            if f & KPF_ZERO_PAGE != 0 {
+                continue;
+            }
+            let head = if f & KPF_COMPOUND_TAIL != 0 {
+                // The head is within the 511 PFNs below (no anon folio is larger than a PMD).
+                let from = pfn.saturating_sub(MAX_FOLIO - 1);
+                let below = words(&kpageflags, from, (pfn - from) as usize, "/proc/kpageflags")?;
+                match below.iter().rposition(|&b| b & KPF_COMPOUND_HEAD != 0) {
+                    Some(i) => from + i as u64,
+                    None => return Err(Error::Oracle(format!("PFN {pfn:#x} is a tail without a head"))),
+                }
+            } else {
+                pfn
+            };
+            if heads.contains_key(&head) {
+                continue;
+            }
+            let order = if head != pfn || f & KPF_COMPOUND_HEAD != 0 {
+                let after = words(&kpageflags, head + 1, MAX_FOLIO as usize - 1, "/proc/kpageflags")?;
+                let tails = after.iter().take_while(|&&b| b & KPF_COMPOUND_TAIL != 0).count() as u64;
+                (tails + 1).trailing_zeros() as usize
+            } else {
+                0
+            };
+            heads.insert(head, order);
+        }
+    }
+    let mut out = vec![0u64; 11];
+    for order in heads.into_values() {
+        out[order.min(10)] += 1;
+    }
+    Ok(out)
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     // SAFETY: utsname is plain old data, for which all-zero bytes are valid.
@@ -789,6 +880,7 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
     let (faults, elapsed_s, err) = unsafe { measured(&raw, uffd.0) };
     probe.read(&mut s1);
     let (rss_bytes, anon_huge_bytes) = smaps_rss(res.lo, res.lo + res.len)?;
+    let folio_orders = folios_by_order(res.lo, res.lo + res.len).ok();
 
     if let Some(e) = err {
         return Err(Error::AtLine(
@@ -810,6 +902,7 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
         vmstat,
         kernel_release: release,
         harness_faults: harness,
+        folio_orders,
     })
 }
 

@@ -13,7 +13,9 @@ use crate::errors::{guard, to_pyerr};
 /// settings sysfs holds now, and returns what the kernel reported:
 /// `faults`, `rss_bytes`, `anon_huge_bytes`, `elapsed_s`,
 /// `mthp` ({size: {counter: delta}}), `vmstat` ({name: delta}), `kernel`
-/// (the release) and `harness_faults` (the overhead subtracted from faults).
+/// (the release), `harness_faults` (the overhead subtracted from faults) and
+/// `folio_orders` (this process's folios in the trace's memory at the end, by
+/// order, from its pagemap; None where that cannot be read).
 /// A trace that does not parse, or that touches memory outside its own
 /// mappings, raises ValueError (TraceError/RangeError) naming the line; an
 /// oracle failure (a syscall the kernel refused, no userfaultfd) raises
@@ -48,6 +50,7 @@ fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'p
     d.set_item("vmstat", vm)?;
     d.set_item("kernel", &run.kernel_release)?;
     d.set_item("harness_faults", run.harness_faults)?;
+    d.set_item("folio_orders", run.folio_orders.clone())?;
     Ok(d)
 }
 
