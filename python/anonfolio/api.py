@@ -26,10 +26,12 @@ from .config import Config
 from .frame import SweepResult
 from .stats import Stats
 
-__all__ = ["Simulator", "Vma", "replay", "run", "sweep", "check_fits", "progress_bar", "WORKLOADS", "SHARING"]
+__all__ = ["Simulator", "Vma", "replay", "run", "sweep", "check_fits", "progress_bar", "WORKLOADS", "SHARING", "ADVICE"]
 
 #: Built-in workloads of ``Simulator.run`` / ``anonfolio run --workload``.
 WORKLOADS: tuple[str, ...] = ("sequential", "reverse", "stride", "random", "sparse", "page_fault1")
+#: The advice ``run`` may give the workload's VMA (``--advice``).
+ADVICE: tuple[str, ...] = ("hugepage", "nohugepage", "none")
 #: How ``run`` splits a workload between threads.
 SHARING: tuple[str, ...] = ("disjoint", "interleaved")
 
