@@ -398,7 +398,7 @@ def progress_bar(total: int, *, progress: Optional[bool] = None, desc: str = "")
         tqdm = importlib.import_module("tqdm").tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return _NoBar()
-    return tqdm(total=total, desc=desc or None, unit="run", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc or None, unit="run", file=sys.stderr, leave=True)
 
 
 def _is_workloads(w: Any) -> bool:
@@ -422,4 +422,6 @@ def _label(c: ConfigLike) -> str:
 def _trace_name(trace: TraceLike) -> str:
     if isinstance(trace, os.PathLike):
         return os.fspath(trace)
+    if isinstance(trace, str) and "\n" not in trace and os.path.isfile(trace):
+        return trace
     return "<text>"

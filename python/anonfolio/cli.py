@@ -30,6 +30,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
 
 from . import _anonfolio
@@ -434,7 +435,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             for k in ("advice", "sharing", "stride", "fraction", "seed", "iterations"):
                 if k in kw:
                     raise CliError(f"--{k} is for workloads, not with --trace")
-            res = sweep(dict(settings), trace=_read_trace(args.trace), executor=ex,
+            trace: Any = _read_trace(args.trace) if args.trace == "-" else Path(args.trace)
+            if not isinstance(trace, str):
+                _read_trace(args.trace)  # a missing file is one line, before anything runs
+            res = sweep(dict(settings), trace=trace, executor=ex,
                         progress=False if args.no_progress else None, **kw)
         else:
             res = sweep(args.workload, configs=dict(settings), sizes=args.size or None, executor=ex,
