@@ -143,6 +143,17 @@ def _figure(n: int) -> tuple[Any, Any]:
     return plt.subplots(figsize=(8.0, 0.9 + 0.32 * n))
 
 
+#: One colour per folio size, the same in every plot (matplotlib's tab10).
+_SIZE_ORDER = ("4kB", *_SIZES)
+
+
+def _colour(name: str) -> Optional[str]:
+    size = name.split()[0]
+    if size not in _SIZE_ORDER:
+        return None
+    return f"C{_SIZE_ORDER.index(size) % 10}"
+
+
 def _hbar(labels: list[str], series: Sequence[tuple[str, Sequence[float]]], xlabel: str, title: str,
           stacked: bool = False) -> str:
     import numpy as np
@@ -152,7 +163,8 @@ def _hbar(labels: list[str], series: Sequence[tuple[str, Sequence[float]]], xlab
     if stacked:
         left = np.zeros(len(labels))
         for name, vals in series:
-            ax.barh(y, vals, left=left, label=name)
+            ax.barh(y, vals, left=left, label=name, color=_colour(name),
+                    hatch="//" if name.endswith("charge") else None)
             left += np.asarray(vals, dtype=float)
     else:
         h = 0.8 / max(1, len(series))
