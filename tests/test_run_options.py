@@ -154,5 +154,5 @@ def test_replay_reads_a_file_named_by_a_str(monkeypatch):
 
 def test_a_one_line_trace_is_still_text_and_a_missing_file_says_so():
     assert anonfolio.replay("mmap 0x7f0000000000 0x1000").faults == 0
-    with pytest.raises(FileNotFoundError, match="no trace file 'app.trace'"):
+    with pytest.raises(FileNotFoundError, match=r"no trace file .app\.trace."):
         anonfolio.replay("app.trace")

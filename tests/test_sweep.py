@@ -130,7 +130,7 @@ def test_cli_sweep_runs_the_grid_to_csv(capsys, tmp_path):
     out = tmp_path / "g.csv"
     rc = cli.main(["sweep", "--thp", "64kB=always,never", "--policy", "upstream,v1", "--size", "4M,8M",
                    "--advice", "none", "--out", str(out), "--no-progress"])
-    o, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert rc == 0, err
     df = pd.read_csv(out)
     assert len(df) == 8

@@ -536,7 +536,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         description="Simulate the Linux 6.18 anonymous page-fault path with large folios (mTHP).",
-        epilog="Bad input exits with status 2 and one line on stderr.",
+        epilog="Bad input exits with status 2 and one line on stderr. Documentation (in the repository): "
+               "docs/cli.md (every command and option), docs/trace-format.md, docs/json.md, docs/workloads.md.",
     )
     p.add_argument("--version", action="version", version=f"anonfolio {_anonfolio.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)

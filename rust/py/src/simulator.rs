@@ -190,7 +190,7 @@ impl Simulator {
         }
     }
 
-    /// Replays a trace (the text, in the format of interface.md).
+    /// Replays a trace (the text, in the format of docs/trace-format.md).
     #[pyo3(signature = (trace, *, threads = 1, deterministic = None, check_invariants = None))]
     fn replay<'py>(
         &self,
