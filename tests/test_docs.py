@@ -82,8 +82,8 @@ def _keys(x, out: set, prefix: str = "") -> set:
 
 
 def _json(*args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "anonfolio", *args, "--json"], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "anonfolio", *args, "--json"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
     assert r.returncode in (0, 1), r.stderr
     return json.loads(r.stdout)
 
@@ -135,7 +135,7 @@ def test_cli_md_documents_every_command_and_option():
         if words == ["experiment"]:
             continue
         title = " ".join(words)
-        own = [s for s in sections if s.startswith(f"`{title}") or s.startswith(f"`experiment {title}")]
+        own = [s for s in sections if s.startswith((f"`{title}", f"`experiment {title}"))]
         assert own, f"docs/cli.md has no section for {name}"
         for a in sp._actions:
             if not a.option_strings or a.help == argparse.SUPPRESS or a.option_strings == ["-h", "--help"]:
@@ -194,7 +194,8 @@ OUTSIDE = ["interface" + ".md", "/wo" + "rk/", "../sha" + "red", "shared/" + "re
 
 
 def test_no_text_in_the_repository_points_outside_it():
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
     hits = []
     for f in files:
         p = ROOT / f
