@@ -183,3 +183,16 @@ def test_a_json_result_carries_what_reruns_it(capsys):
     again = anonfolio.run(name, size, anonfolio.Config(**c), **{k: v for k, v in w.items() if v is not None})
     assert again.faults == j["faults"] and again.rss_bytes == j["rss_bytes"]
     assert again.mthp["64kB"].anon_fault_fallback == j["mthp"]["64kB"]["anon_fault_fallback"] > 0
+
+
+def test_experiments_show_progress_when_asked(capsys, tmp_path):
+    from anonfolio import experiments
+
+    experiments.scaling(threads=[1, 2], size="4M", iterations=1, repeat=2, progress=True)
+    assert "4/4" in capsys.readouterr().err
+    experiments.race_policies(tmp_path, size="1M", cpus=[2], seeds=1, policies=["upstream"], sharing=["interleaved"],
+                              memory=["plenty"], free_repeat=0, plots=False, progress=True)
+    err = capsys.readouterr().err
+    assert "race-policies: deterministic" in err and "2/2" in err
+    experiments.scaling(threads=[1], size="4M", iterations=1, repeat=1)  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""

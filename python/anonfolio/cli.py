@@ -347,6 +347,7 @@ def cmd_race_policies(args: argparse.Namespace) -> int:
         free_size=None if args.no_free else args.free_size, free_threads=args.free_threads,
         free_repeat=args.free_repeat, workload=args.workload, config=cfg,
         plots=not args.no_plots, jobs=args.jobs, log=sys.stderr if not args.quiet else None,
+        progress=False if args.quiet else None,
     )
     if args.quiet:
         sys.stdout.write(f"{os.path.join(res.out, 'results.md')}\n")
@@ -363,7 +364,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     res = experiments.scaling(
         workload=args.workload, threads=args.threads, size=args.size, iterations=args.iterations,
         repeat=args.repeat, config=cfg, out=args.out, plots=not args.no_plots,
-        log=sys.stderr if args.out else None,
+        log=sys.stderr if args.out else None, progress=False if args.no_progress else None,
     )
     sys.stdout.write(res.table + "\n")
     return 0
@@ -633,7 +634,8 @@ def build_parser() -> ArgumentParser:
     rp.add_argument("--jobs", type=_count(1, 64), metavar="N",
                     help="deterministic runs at once (results do not depend on it; default: host CPUs, at most 4)")
     rp.add_argument("--no-plots", action="store_true", help="no PNGs")
-    rp.add_argument("--quiet", action="store_true", help="no progress on stderr; print the path of results.md")
+    rp.add_argument("--quiet", action="store_true",
+                    help="no progress (bars, shown on a terminal, and notes) on stderr; print the path of results.md")
     rp.set_defaults(func=cmd_race_policies)
 
     sc = esub.add_parser(
@@ -654,6 +656,7 @@ def build_parser() -> ArgumentParser:
     sc.add_argument("--repeat", type=_count(1, 100), default=3, metavar="N", help="runs per point (default 3)")
     sc.add_argument("--out", metavar="DIR", help="also write scaling.csv, scaling.md and scaling.png here")
     sc.add_argument("--no-plots", action="store_true", help="no PNG")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
     add_config_options(sc, knob_defaults="enabled=madvise, 16kB, 64kB and 256kB always, 2048kB never, "
                        "the other sizes never")
     sc.set_defaults(func=cmd_scaling)
