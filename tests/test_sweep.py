@@ -196,3 +196,17 @@ def test_experiments_show_progress_when_asked(capsys, tmp_path):
     assert "race-policies: deterministic" in err and "2/2" in err
     experiments.scaling(threads=[1], size="4M", iterations=1, repeat=1)  # stderr is not a terminal here
     assert capsys.readouterr().err == ""
+
+
+def test_cli_sweep_on_a_dask_scheduler(capsys, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    import pandas as pd
+
+    out = tmp_path / "d.csv"
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as lc:
+        rc = cli.main(["sweep", "--size", "1M,2M", "--thp", "16kB=always,never", "--advice", "none",
+                       "--executor", f"dask:{lc.scheduler_address}", "--out", str(out), "--no-progress"])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
+    df = pd.read_csv(out)
+    assert list(df["faults"]) == [64, 128, 256, 512]

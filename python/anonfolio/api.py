@@ -1,5 +1,6 @@
 """The Python-facing API: :class:`Simulator` and the one-call helpers
-:func:`replay`, :func:`run` and :func:`sweep`.
+:func:`replay`, :func:`run` and :func:`sweep` (traces: docs/trace-format.md;
+figures: docs/json.md; workloads: docs/workloads.md).
 
 The native ``anonfolio._anonfolio.Simulator`` returns plain dicts; the
 :class:`Simulator` here is the same class with results wrapped in

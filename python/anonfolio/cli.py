@@ -396,15 +396,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _executor(spec: Optional[str], jobs: Optional[int]) -> Any:
+def _executor(spec: Optional[str], jobs: Optional[int]) -> tuple[Any, Callable[[], None]]:
     """``--executor``: None (serial), ``processes`` (a process pool of
-    ``--jobs`` workers) or ``dask:ADDRESS`` (a Dask distributed scheduler)."""
+    ``--jobs`` workers) or ``dask:ADDRESS`` (a Dask distributed scheduler);
+    with the function that releases it."""
     if spec is None or spec == "serial":
-        return None
+        return None, lambda: None
     if spec == "processes":
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(max_workers=jobs)
+        pool = ProcessPoolExecutor(max_workers=jobs)
+        return pool, pool.shutdown
     if spec.startswith("dask:"):
         import importlib
 
@@ -412,7 +414,17 @@ def _executor(spec: Optional[str], jobs: Optional[int]) -> Any:
             client_class: Any = importlib.import_module("distributed").Client
         except ImportError:
             raise CliError("--executor dask:... needs Dask distributed: pip install 'anonfolio[cluster]'") from None
-        return client_class(spec[len("dask:"):]).get_executor()
+        try:
+            client = client_class(spec[len("dask:"):], timeout=10)
+        except OSError as e:
+            raise CliError(f"--executor {spec}: cannot reach the Dask scheduler: {_one_line(str(e))}") from None
+        ex = client.get_executor()
+
+        def close() -> None:
+            ex.shutdown()
+            client.close()
+
+        return ex, close
     raise CliError(f"unknown --executor {spec!r} (want serial, processes or dask:ADDRESS)")
 
 
@@ -430,7 +442,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = args.out
     if out and not out.endswith((".csv", ".parquet")):
         raise CliError(f"--out {out}: want a .csv or .parquet file name")
-    ex = _executor(args.executor, args.jobs)
+    ex, release = _executor(args.executor, args.jobs)
     try:
         if args.trace is not None:
             for k in ("advice", "sharing", "stride", "fraction", "seed", "iterations"):
@@ -445,8 +457,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             res = sweep(args.workload, configs=dict(settings), sizes=args.size or None, executor=ex,
                         progress=False if args.no_progress else None, **kw)
     finally:
-        if ex is not None:
-            ex.shutdown()
+        release()
     if out and out.endswith(".parquet"):
         try:
             res.to_parquet(out)
