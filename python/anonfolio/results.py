@@ -136,6 +136,8 @@ class StatsDict(TypedDict):
 
     faults: int
     rss_bytes: int
+    #: The most resident anonymous bytes at any point (``mm->hiwater_rss``).
+    rss_peak_bytes: int
     elapsed_s: float
     #: Sizes (``"64kB"``) with a non-zero counter.
     mthp: dict[str, MthpCounters]
