@@ -196,6 +196,12 @@ class Stats(_ReadOnlyView):
         return self.rss_bytes // _anonfolio.PAGE_SIZE
 
     @property
+    def rss_peak_bytes(self) -> int:
+        """The most resident anonymous bytes at any point of the run
+        (``mm->hiwater_rss``, as VmHWM reports it)."""
+        return int(self._d["rss_peak_bytes"])
+
+    @property
     def elapsed_s(self) -> float:
         """Wall seconds spent simulating (not parsing or start-up)."""
         return float(self._d.get("elapsed_s", 0.0))
@@ -259,7 +265,7 @@ class Stats(_ReadOnlyView):
         lines.append(f"{'faults':<30}{self.faults:>16,}")
         lines.append(f"{'rss':<30}{format_bytes(rss):>16}  ({rss:,} bytes)")
         if "rss_peak_bytes" in self._d:
-            peak = int(self._d["rss_peak_bytes"])
+            peak = self.rss_peak_bytes
             lines.append(f"{'rss peak':<30}{format_bytes(peak):>16}  ({peak:,} bytes)")
         if "ops" in self._d:
             lines.append(f"{'operations':<30}{int(self._d['ops']):>16,}")

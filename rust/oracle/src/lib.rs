@@ -371,8 +371,40 @@ fn op_range(k: &OpKind) -> (u64, u64) {
         OpKind::Mmap { addr, len, .. } | OpKind::Munmap { addr, len } | OpKind::Madvise { addr, len, .. } => {
             (addr, addr + len)
         }
+        OpKind::Mprotect { addr, len, .. } => (addr, addr + len),
+        OpKind::Mremap { old_addr, old_len, new_addr, new_len } => {
+            (old_addr.min(new_addr), (old_addr + old_len).max(new_addr + new_len))
+        }
+        OpKind::Brk { addr } => (addr, addr + 1),
         OpKind::Write { addr } | OpKind::Read { addr } => (addr, addr + 1),
     }
+}
+
+/// The operations this oracle does not replay on the kernel yet.
+fn check_supported(ops: &[Op]) -> Result<()> {
+    for op in ops {
+        let unsupported = match op.kind {
+            OpKind::Mprotect { .. } | OpKind::Mremap { .. } | OpKind::Brk { .. } => true,
+            OpKind::Madvise { advice, .. } => {
+                !matches!(advice, Advice::DontNeed | Advice::HugePage | Advice::NoHugePage)
+            }
+            OpKind::Mmap { flags, .. } => {
+                flags.prot != anonfolio_trace::Prot::ReadWrite
+                    || flags.populate
+                    || flags.growsdown
+                    || flags.noreserve
+                    || flags.stack
+            }
+            _ => false,
+        };
+        if unsupported {
+            return Err(Error::AtLine(
+                op.line,
+                Box::new(Error::Oracle("this operation is not replayed on the kernel yet".into())),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks that every access lies in a VMA the trace created and no mmap
@@ -409,7 +441,8 @@ fn check_vmas(ops: &[Op]) -> Result<()> {
                 }
                 vmas = out;
             }
-            OpKind::Madvise { .. } => {}
+            // Refused by `check_supported` before this runs.
+            OpKind::Madvise { .. } | OpKind::Mprotect { .. } | OpKind::Mremap { .. } | OpKind::Brk { .. } => {}
             OpKind::Write { addr } | OpKind::Read { addr } => {
                 if !vmas.iter().any(|&(s, e)| s <= addr && addr < e) {
                     return Err(Error::AtLine(op.line, Box::new(Error::Segv(addr))));
@@ -496,6 +529,11 @@ fn advice_value(a: Advice) -> libc::c_int {
         Advice::DontNeed => libc::MADV_DONTNEED,
         Advice::HugePage => libc::MADV_HUGEPAGE,
         Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+        Advice::Free => libc::MADV_FREE,
+        Advice::PopulateRead => libc::MADV_POPULATE_READ,
+        Advice::PopulateWrite => libc::MADV_POPULATE_WRITE,
+        Advice::DontFork => libc::MADV_DONTFORK,
+        Advice::DoFork => libc::MADV_DOFORK,
     }
 }
 
@@ -537,6 +575,10 @@ fn translate(ops: &[Op]) -> Result<(Reservation, Vec<RawOp>)> {
                 }
                 OpKind::Write { addr } => Raw::Write(tr(addr)),
                 OpKind::Read { addr } => Raw::Read(tr(addr)),
+                // Refused by `check_supported` before this runs.
+                OpKind::Mprotect { .. } | OpKind::Mremap { .. } | OpKind::Brk { .. } => {
+                    unreachable!("check_supported refuses {:?}", op.kind)
+                }
             };
             RawOp { line: op.line, raw }
         })
@@ -860,6 +902,7 @@ fn harness_overhead() -> u64 {
 ///
 /// THP settings are whatever sysfs holds at the time; set them beforehand.
 pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
+    check_supported(ops)?;
     check_vmas(ops)?;
     let needs_uffd = ops.iter().any(|op| matches!(op.kind, OpKind::Mmap { flags, .. } if flags.uffd_wp));
     let uffd = Fd(if needs_uffd { open_uffd()? } else { -1 });

@@ -121,7 +121,7 @@ impl Simulator {
         if hugepage && nohugepage {
             return Err(new_err(py, Kind::Range, "mmap cannot be both hugepage and nohugepage".into(), &[]));
         }
-        let flags = MmapFlags { hugepage, nohugepage, uffd_wp };
+        let flags = MmapFlags { hugepage, nohugepage, uffd_wp, ..Default::default() };
         self.with_cpu(py, move |mm, cpu| mm.mmap(cpu, addr, len, flags))
     }
 

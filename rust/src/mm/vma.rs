@@ -245,7 +245,7 @@ impl VmaTree {
                 f.nohugepage = true;
                 f.hugepage = false;
             }
-            Advice::DontNeed => {}
+            _ => {}
         })
     }
 

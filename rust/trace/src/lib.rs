@@ -2,6 +2,17 @@
 //! documented in the repository's `docs/trace-format.md`).
 //!
 //! ```text
+//! mmap     ADDR LEN [hugepage|nohugepage] [uffd-wp] [prot=rw|r|none] [populate] [growsdown] [noreserve] [stack]
+//! munmap   ADDR LEN
+//! brk      ADDR
+//! mprotect ADDR LEN rw|r|none
+//! mremap   OLD_ADDR OLD_LEN NEW_ADDR NEW_LEN
+//! madvise  ADDR LEN dontneed|free|hugepage|nohugepage|populate_read|populate_write|dontfork|dofork
+//! w ADDR | r ADDR
+//! @T <any of the above>
+//! ```
+//!
+//! ```text
 //! mmap    ADDR LEN [hugepage|nohugepage] [uffd-wp]
 //! munmap  ADDR LEN
 //! madvise ADDR LEN dontneed|hugepage|nohugepage
@@ -36,28 +47,88 @@ impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The advice of `madvise` lines (`MADV_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advice {
     DontNeed,
+    /// `MADV_FREE`: lazily freed.
+    Free,
     HugePage,
     NoHugePage,
+    /// `MADV_POPULATE_READ`: read-fault the range in (through GUP).
+    PopulateRead,
+    /// `MADV_POPULATE_WRITE`: write-fault the range in (through GUP).
+    PopulateWrite,
+    /// `MADV_DONTFORK`: `VM_DONTCOPY`.
+    DontFork,
+    /// `MADV_DOFORK`: clears `VM_DONTCOPY`.
+    DoFork,
 }
 
 impl Advice {
+    pub const ALL: [Advice; 8] = [
+        Advice::DontNeed,
+        Advice::Free,
+        Advice::HugePage,
+        Advice::NoHugePage,
+        Advice::PopulateRead,
+        Advice::PopulateWrite,
+        Advice::DontFork,
+        Advice::DoFork,
+    ];
+
     pub fn parse(s: &str) -> Option<Advice> {
+        Advice::ALL.into_iter().find(|a| a.name() == s)
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Advice::DontNeed => "dontneed",
+            Advice::Free => "free",
+            Advice::HugePage => "hugepage",
+            Advice::NoHugePage => "nohugepage",
+            Advice::PopulateRead => "populate_read",
+            Advice::PopulateWrite => "populate_write",
+            Advice::DontFork => "dontfork",
+            Advice::DoFork => "dofork",
+        }
+    }
+}
+
+/// A protection as `mmap`'s `prot=` and `mprotect` give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prot {
+    /// `PROT_READ|PROT_WRITE`.
+    #[default]
+    ReadWrite,
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_NONE`.
+    None,
+}
+
+impl Prot {
+    pub fn parse(s: &str) -> Option<Prot> {
         match s {
-            "dontneed" => Some(Advice::DontNeed),
-            "hugepage" => Some(Advice::HugePage),
-            "nohugepage" => Some(Advice::NoHugePage),
+            "rw" => Some(Prot::ReadWrite),
+            "r" => Some(Prot::Read),
+            "none" => Some(Prot::None),
             _ => None,
         }
     }
     pub fn name(self) -> &'static str {
         match self {
-            Advice::DontNeed => "dontneed",
-            Advice::HugePage => "hugepage",
-            Advice::NoHugePage => "nohugepage",
+            Prot::ReadWrite => "rw",
+            Prot::Read => "r",
+            Prot::None => "none",
         }
+    }
+    /// `VM_READ`.
+    pub fn readable(self) -> bool {
+        self != Prot::None
+    }
+    /// `VM_WRITE`.
+    pub fn writable(self) -> bool {
+        self == Prot::ReadWrite
     }
 }
 
@@ -69,15 +140,58 @@ pub struct MmapFlags {
     /// Registered with userfaultfd in write-protect mode: the VMA is
     /// `userfaultfd_armed()`, so faults map order 0.
     pub uffd_wp: bool,
+    /// `prot=`: the mapping's protection (default read/write).
+    pub prot: Prot,
+    /// `MAP_POPULATE`: fault the whole mapping in at mmap.
+    pub populate: bool,
+    /// `MAP_GROWSDOWN`: a stack that grows down on an access below it.
+    pub growsdown: bool,
+    /// `MAP_NORESERVE`: no `VM_ACCOUNT`.
+    pub noreserve: bool,
+    /// `MAP_STACK`.
+    pub stack: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
-    Mmap { addr: u64, len: u64, flags: MmapFlags },
-    Munmap { addr: u64, len: u64 },
-    Madvise { addr: u64, len: u64, advice: Advice },
-    Write { addr: u64 },
-    Read { addr: u64 },
+    Mmap {
+        addr: u64,
+        len: u64,
+        flags: MmapFlags,
+    },
+    Munmap {
+        addr: u64,
+        len: u64,
+    },
+    Madvise {
+        addr: u64,
+        len: u64,
+        advice: Advice,
+    },
+    Mprotect {
+        addr: u64,
+        len: u64,
+        prot: Prot,
+    },
+    /// What the kernel's mremap did: the mapping at `old_addr` of
+    /// `old_len` bytes now lies at `new_addr` with `new_len` bytes (a
+    /// resize in place when the addresses are equal, else a move).
+    Mremap {
+        old_addr: u64,
+        old_len: u64,
+        new_addr: u64,
+        new_len: u64,
+    },
+    /// The program break moves to `addr` (the first one sets `start_brk`).
+    Brk {
+        addr: u64,
+    },
+    Write {
+        addr: u64,
+    },
+    Read {
+        addr: u64,
+    },
 }
 
 /// One parsed trace line: the simulated thread that runs it, and where it
@@ -156,7 +270,19 @@ pub fn parse_line(text: &str, lineno: usize) -> Result<Option<Op>> {
                     "hugepage" => flags.hugepage = true,
                     "nohugepage" => flags.nohugepage = true,
                     "uffd-wp" => flags.uffd_wp = true,
-                    _ => return Err(Error::Parse(format!("line {lineno}: unknown mmap flag {t:?}"))),
+                    "populate" => flags.populate = true,
+                    "growsdown" => flags.growsdown = true,
+                    "noreserve" => flags.noreserve = true,
+                    "stack" => flags.stack = true,
+                    _ => match t.strip_prefix("prot=").map(Prot::parse) {
+                        Some(Some(p)) => flags.prot = p,
+                        Some(None) => {
+                            return Err(Error::Parse(format!(
+                                "line {lineno}: unknown protection {t:?} (want prot=rw, prot=r or prot=none)"
+                            )))
+                        }
+                        None => return Err(Error::Parse(format!("line {lineno}: unknown mmap flag {t:?}"))),
+                    },
                 }
             }
             if flags.hugepage && flags.nohugepage {
@@ -176,9 +302,40 @@ pub fn parse_line(text: &str, lineno: usize) -> Result<Option<Op>> {
             check_range(addr, len, lineno)?;
             let a = toks.next().ok_or_else(|| Error::Parse(format!("line {lineno}: missing advice")))?;
             let advice = Advice::parse(a).ok_or_else(|| {
-                Error::Parse(format!("line {lineno}: unknown advice {a:?} (want dontneed, hugepage or nohugepage)"))
+                let names: Vec<&str> = Advice::ALL.iter().map(|a| a.name()).collect();
+                Error::Parse(format!("line {lineno}: unknown advice {a:?} (want one of {})", names.join(", ")))
             })?;
             OpKind::Madvise { addr, len, advice }
+        }
+        "mprotect" => {
+            let addr = num(toks.next(), "address", lineno)?;
+            let len = num(toks.next(), "length", lineno)?;
+            check_range(addr, len, lineno)?;
+            let p = toks.next().ok_or_else(|| Error::Parse(format!("line {lineno}: missing protection")))?;
+            let prot = Prot::parse(p)
+                .ok_or_else(|| Error::Parse(format!("line {lineno}: unknown protection {p:?} (want rw, r or none)")))?;
+            OpKind::Mprotect { addr, len, prot }
+        }
+        "mremap" => {
+            let old_addr = num(toks.next(), "old address", lineno)?;
+            let old_len = num(toks.next(), "old length", lineno)?;
+            let new_addr = num(toks.next(), "new address", lineno)?;
+            let new_len = num(toks.next(), "new length", lineno)?;
+            check_range(old_addr, old_len, lineno)?;
+            check_range(new_addr, new_len, lineno)?;
+            if new_addr != old_addr && new_addr < old_addr + old_len && old_addr < new_addr + new_len {
+                return Err(Error::InvalidRange(format!(
+                    "line {lineno}: mremap moves {old_addr:#x}+{old_len:#x} onto itself at {new_addr:#x}+{new_len:#x}"
+                )));
+            }
+            OpKind::Mremap { old_addr, old_len, new_addr, new_len }
+        }
+        "brk" => {
+            let addr = num(toks.next(), "address", lineno)?;
+            if addr >= TASK_SIZE {
+                return Err(Error::InvalidRange(format!("line {lineno}: break {addr:#x} is outside user space")));
+            }
+            OpKind::Brk { addr }
         }
         "w" | "r" => {
             let addr = num(toks.next(), "address", lineno)?;
@@ -242,6 +399,32 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_operations_real_programs_make() {
+        let t = "mmap 0x10000 0x4000 prot=none populate growsdown noreserve stack\nmprotect 0x10000 0x1000 r\n\
+                 mremap 0x10000 0x4000 0x40000 0x8000\nbrk 0x80001\nmadvise 0x40000 0x1000 populate_write\n";
+        let ops = parse(t).unwrap();
+        let f = MmapFlags {
+            prot: Prot::None,
+            populate: true,
+            growsdown: true,
+            noreserve: true,
+            stack: true,
+            ..Default::default()
+        };
+        assert_eq!(ops[0].kind, OpKind::Mmap { addr: 0x10000, len: 0x4000, flags: f });
+        assert_eq!(ops[1].kind, OpKind::Mprotect { addr: 0x10000, len: 0x1000, prot: Prot::Read });
+        assert_eq!(
+            ops[2].kind,
+            OpKind::Mremap { old_addr: 0x10000, old_len: 0x4000, new_addr: 0x40000, new_len: 0x8000 }
+        );
+        assert_eq!(ops[3].kind, OpKind::Brk { addr: 0x80001 });
+        assert_eq!(ops[4].kind, OpKind::Madvise { addr: 0x40000, len: 0x1000, advice: Advice::PopulateWrite });
+        for a in Advice::ALL {
+            assert_eq!(Advice::parse(a.name()), Some(a));
+        }
+    }
+
+    #[test]
     fn rejects_bad_lines_with_their_number() {
         for (t, want) in [
             ("mmap 0x1000 0x10zz\n", "line 1: malformed number"),
@@ -249,6 +432,10 @@ mod tests {
             ("frobnicate 1\n", "line 1: unknown operation"),
             ("w\n", "line 1: missing address"),
             ("madvise 0x1000 0x1000 sideways\n", "line 1: unknown advice"),
+            ("mprotect 0x1000 0x1000 rwx\n", "line 1: unknown protection"),
+            ("mmap 0x1000 0x1000 prot=x\n", "line 1: unknown protection"),
+            ("mremap 0x1000 0x2000 0x2000 0x2000\n", "line 1: mremap moves"),
+            ("mremap 0x1000 0x1000 0x5000\n", "line 1: missing new length"),
             ("w 0x1000 extra\n", "line 1: unexpected"),
         ] {
             let e = parse(t).unwrap_err().to_string();
