@@ -32,12 +32,21 @@ def _doc(name: str) -> str:
 # docs/trace-format.md
 
 
+ENGINE = ("modelled", "no effect yet", "refused", "not yet")
+B = 0x7F0000000000
+# A write to the first page of the examples' mapping (the smallest is one
+# page): what a flag or advice with an effect would change.
+PROBE = f"w {B:#x}\n"
+# The kernel's figures of a run (not the line count or lock traffic).
+KERNEL_FIGURES = ("faults", "rss_bytes", "rss_peak_bytes", "mthp", "vmstat", "folio_orders", "fault_paths")
+
+
 def _operation_rows() -> list[tuple[str, str, str]]:
     """(operation, example, engine) of every row of the operations table."""
     rows = []
     for line in _doc("trace-format.md").splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        if len(cells) == 4 and cells[2] in ("modelled", "not yet"):
+        if len(cells) == 4 and cells[2] in ENGINE:
             rows.append((cells[0].strip("`"), cells[1].strip("`"), cells[2]))
     return rows
 
@@ -51,19 +60,38 @@ def test_the_operations_table_covers_every_operation():
         assert word in text, word
 
 
+def _without(example: str) -> str:
+    """The same trace without what the example adds: an mmap's last flag, or the line."""
+    if example.startswith("mmap "):
+        return " ".join(example.split()[:3]) + "\n" + PROBE
+    return "mmap 0x7f0000000000 0x200000\n" + PROBE
+
+
+def _figures(text: str) -> dict:
+    d = anonfolio.replay(text).to_dict()
+    return {k: d[k] for k in KERNEL_FIGURES}
+
+
 @pytest.mark.parametrize("op,example,engine", _operation_rows(), ids=[r[0] for r in _operation_rows()])
-def test_each_documented_operation_parses_exactly_when_the_doc_says_it_is_modelled(op, example, engine):
+def test_each_documented_operation_does_what_the_doc_says_the_engine_does(op, example, engine):
     # The example works on a mapping the table assumes exists.
-    text = "mmap 0x7f0000000000 0x200000\n" + example + "\n"
-    if example.startswith("mmap 0x7f0000000000"):
-        text = example + "\n"
-    if engine == "modelled":
-        anonfolio.check_trace(text)
-        anonfolio.replay(text)
-    else:
+    text = example + "\n" if example.startswith("mmap 0x7f0000000000") else \
+        "mmap 0x7f0000000000 0x200000\n" + example + "\n"
+    if engine == "not yet":
         with pytest.raises(anonfolio.TraceError):
             anonfolio.check_trace(text)
-            pytest.fail(f"{example!r} parses now: mark it modelled in docs/trace-format.md")
+            pytest.fail(f"{example!r} parses now: update its engine column in docs/trace-format.md")
+        return
+    anonfolio.check_trace(text)
+    if engine == "modelled":
+        anonfolio.replay(text + PROBE)
+    elif engine == "refused":
+        with pytest.raises(anonfolio.AnonfolioError, match="line 2"):
+            anonfolio.replay(text)
+            pytest.fail(f"{example!r} replays now: update its engine column in docs/trace-format.md")
+    else:
+        assert _figures(text + PROBE) == _figures(_without(example)), \
+            f"{example!r} has an effect now: update its engine column in docs/trace-format.md"
 
 
 # ---------------------------------------------------------------------------
