@@ -124,3 +124,14 @@ def test_validate_text_says_which_figures_are_system_wide(tmp_path, capsys):
     assert rc == 0, out
     assert "64kB folios" in out and "process" in out and "system" in out
     assert os.path.exists("/proc/kpageflags")
+
+
+@pytestmark_live
+def test_kernel_replay_text_shows_the_process_folios_and_marks_the_counters(tmp_path, capsys):
+    trace = tmp_path / "t.trace"
+    trace.write_text(TRACE)
+    rc = cli.main(["kernel-replay", str(trace), *KNOBS])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "folios held at the end (this process, pagemap): 64kB=127" in out
+    assert "system-wide counter deltas (other processes' faults count too)" in out
