@@ -135,3 +135,17 @@ def test_kernel_replay_text_shows_the_process_folios_and_marks_the_counters(tmp_
     assert rc == 0, out
     assert "folios held at the end (this process, pagemap): 64kB=127" in out
     assert "system-wide counter deltas (other processes' faults count too)" in out
+
+
+@pytestmark_live
+def test_a_folio_whose_head_page_is_unmapped_still_counts_once():
+    from anonfolio import Config
+
+    # Two 64 KiB folios; the first loses its head page (and the next), so only
+    # tail pages map it: found through the compound head below them.
+    t = (f"mmap {B:#x} {128 << 10:#x} hugepage\n" + "".join(f"w {B + i * P:#x}\n" for i in range(32))
+         + f"madvise {B:#x} {2 * P:#x} dontneed\n")
+    k = kernel.kernel_replay(t, Config(hugepages={"64kB": "madvise", "2048kB": "never"}))
+    assert k["folio_orders"] is not None
+    assert k["folio_orders"][4] == 2 and sum(k["folio_orders"]) == 2
+    assert k["rss_bytes"] == (128 << 10) - 2 * P
