@@ -52,6 +52,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 mod picture;
+use picture::Call;
 
 /// What can stop a kernel replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -575,6 +576,8 @@ struct Reservation {
     len: u64,
     /// Where the 2 MiB-aligned trace base maps.
     base: u64,
+    /// The trace address that maps to `base`.
+    alo: u64,
     /// The mm's bounds for the first `brk` (`Raw::StartBrk` points here).
     mm: Box<PrctlMmMap>,
 }
@@ -618,7 +621,7 @@ impl Reservation {
                 libc::munmap(hi as *mut _, (raw + want - hi) as usize);
             }
         }
-        Ok(Reservation { lo, len: hi - lo, base, mm: Box::default() })
+        Ok(Reservation { lo, len: hi - lo, base, alo: 0, mm: Box::default() })
     }
 }
 
@@ -669,6 +672,7 @@ fn translate(ops: &[Op]) -> Result<(Reservation, Vec<RawOp>)> {
     let ahi = hi.div_ceil(PMD) * PMD;
     let punches = picture::check(ops, alo, ahi, alo.saturating_sub(PMD), ahi + PMD)?;
     let mut res = Reservation::new(ahi - alo)?;
+    res.alo = alo;
     if ops.iter().any(|op| matches!(op.kind, OpKind::Brk { .. })) {
         *res.mm = PrctlMmMap::current()?;
     }
@@ -677,11 +681,31 @@ fn translate(ops: &[Op]) -> Result<(Reservation, Vec<RawOp>)> {
     let mut punches = punches.into_iter().peekable();
     let mut brk_started = false;
     for (i, op) in ops.iter().enumerate() {
+        let mut replaced = false;
         while let Some(pu) = punches.next_if(|pu| pu.op == i) {
-            raw.push(RawOp {
-                line: op.line,
-                raw: Raw::Unreserve { p: tr(pu.start), len: (pu.end - pu.start) as usize },
-            });
+            let size = |s: u64, e: u64| (e - s) as usize;
+            let r = match (pu.call, op.kind) {
+                (Call::Unreserve { start, end }, _) => Raw::Unreserve { p: tr(start), len: size(start, end) },
+                (Call::Madvise { start, end }, OpKind::Madvise { advice, .. }) => {
+                    Raw::Madvise { p: tr(start), len: size(start, end), advice: advice_value(advice) }
+                }
+                (Call::Move { start, end, delta }, _) => Raw::Mremap {
+                    old: tr(start),
+                    old_len: size(start, end),
+                    new: tr(start.wrapping_add(delta)),
+                    new_len: size(start, end),
+                },
+                (Call::Skip, _) => {
+                    replaced = true;
+                    continue;
+                }
+                (Call::Madvise { .. }, k) => unreachable!("a madvise call for {k:?}"),
+            };
+            replaced |= !matches!(pu.call, Call::Unreserve { .. });
+            raw.push(RawOp { line: op.line, raw: r });
+        }
+        if replaced {
+            continue;
         }
         let r = match op.kind {
             OpKind::Mmap { addr, len, flags } => Raw::Mmap {
@@ -1198,16 +1222,41 @@ fn warm_up_ops(with_uffd: bool) -> Vec<Op> {
 ///
 /// THP settings are whatever sysfs holds at the time; set them beforehand.
 pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
+    kernel_replay_inspect(ops, |_| Ok(())).map(|(run, ())| run)
+}
+
+/// The replaying child after the replay, stopped, its mappings intact.
+pub struct Stopped {
+    /// Its pid: `/proc/PID/{maps,smaps,pagemap}` are readable now.
+    pub pid: libc::pid_t,
+    base: u64,
+    alo: u64,
+}
+
+impl Stopped {
+    /// Where a trace address lies in the child.
+    pub fn addr(&self, trace_addr: u64) -> u64 {
+        self.base + (trace_addr - self.alo)
+    }
+}
+
+/// [`kernel_replay`], and `inspect` called once the replay has run to its
+/// end, with the child stopped (e.g. to read its `/proc/PID/pagemap` or
+/// maps); its result comes back beside the run.
+pub fn kernel_replay_inspect<T>(ops: &[Op], inspect: impl FnOnce(&Stopped) -> Result<T>) -> Result<(KernelRun, T)> {
     let needs_uffd = ops.iter().any(|op| matches!(op.kind, OpKind::Mmap { flags, .. } if flags.uffd_wp));
     let (res, raw) = translate(ops)?;
     let (warm_res, warm) = translate(&warm_up_ops(needs_uffd))?;
     let release = kernel_release();
     let mut probe = Probe::new();
     let (lo, hi) = (res.lo, res.lo + res.len);
-    let (end, s0, s1) = run_in_child(&warm, &raw, &mut probe, needs_uffd, |pid| smaps_rss(pid, lo, hi))?;
+    let (base, alo) = (res.base, res.alo);
+    let (end, s0, s1) = run_in_child(&warm, &raw, &mut probe, needs_uffd, |pid| {
+        Ok((smaps_rss(pid, lo, hi)?, inspect(&Stopped { pid, base, alo })?))
+    })?;
     drop(warm_res);
     drop(res);
-    let (faults, harness, elapsed_s, err, (rss_bytes, anon_huge_bytes)) = match end {
+    let (faults, harness, elapsed_s, err, ((rss_bytes, anon_huge_bytes), seen)) = match end {
         ChildEnd::Ran { faults, harness, elapsed, err, seen } => (faults, harness, elapsed, err, seen),
         ChildEnd::Signal { line, sig } => {
             let (addr, write) = ops
@@ -1231,7 +1280,7 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
         return Err(e.into_error());
     }
     let (mthp, vmstat) = probe.deltas(&s0, &s1);
-    Ok(KernelRun {
+    let run = KernelRun {
         faults: faults.saturating_sub(harness),
         rss_bytes,
         anon_huge_bytes,
@@ -1240,7 +1289,8 @@ pub fn kernel_replay(ops: &[Op]) -> Result<KernelRun> {
         vmstat,
         kernel_release: release,
         harness_faults: harness,
-    })
+    };
+    Ok((run, seen))
 }
 
 #[cfg(test)]
@@ -1322,5 +1372,145 @@ mod tests {
             }
             Err(e) => assert!(e.to_string().contains("userfaultfd"), "{e}"),
         }
+    }
+
+    fn kernel(t: &str) -> Result<KernelRun> {
+        kernel_replay(&trace::parse(t).unwrap())
+    }
+
+    fn writes(base: u64, pages: u64) -> String {
+        (0..pages).map(|i| format!("w {:#x}\n", base + i * PAGE)).collect()
+    }
+
+    #[test]
+    fn mprotect_read_only_write_is_a_segfault_naming_its_line() {
+        let t = "mmap 0x400000 0x4000 nohugepage\nw 0x400000\nmprotect 0x400000 0x1000 r\nr 0x400000\nw 0x400008\n";
+        let e = kernel(t).unwrap_err();
+        assert_eq!(e.to_string(), "line 5: segmentation fault: write at 0x400008: a write to a read-only VMA");
+        let e = kernel("mmap 0x400000 0x4000 nohugepage prot=none\nr 0x401000\n").unwrap_err().to_string();
+        assert!(e.starts_with("line 2: segmentation fault: read at 0x401000"), "{e}");
+    }
+
+    #[test]
+    fn mprotect_runs_on_the_kernel_zero_page_then_write_copies() {
+        // A read of a read-only mapping maps the zero page (1 fault, no
+        // Rss); after mprotect(rw) the write is a wp fault that copies it.
+        let t = "mmap 0x400000 0x2000 nohugepage prot=r\nr 0x400000\nmprotect 0x400000 0x2000 rw\nw 0x400000\n";
+        let run = kernel(t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (2, 4096), "{run:?}");
+        // mprotect(r) then (rw) of an exclusive page keeps it writable: no fault.
+        let t = "mmap 0x400000 0x2000 nohugepage\nw 0x400000\nmprotect 0x400000 0x2000 r\nr 0x400000\n\
+                 mprotect 0x400000 0x2000 rw\nw 0x400000\n";
+        assert_eq!(kernel(t).unwrap().faults, 1);
+        let e = kernel("mmap 0x400000 0x2000\nmprotect 0x400000 0x3000 r\n").unwrap_err().to_string();
+        assert!(e.starts_with("line 2: mprotect refused by the kernel: ENOMEM"), "{e}");
+    }
+
+    #[test]
+    fn mremap_move_carries_the_pages_without_refaulting() {
+        let mut t = String::from("mmap 0x400000 0x8000 nohugepage\n");
+        t += &writes(0x400000, 8);
+        t += "mremap 0x400000 0x8000 0x600000 0x8000\n";
+        t += &writes(0x600000, 8);
+        let run = kernel(&t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (8, 0x8000), "{run:?}");
+        let e = kernel(&format!("{t}w 0x400000\n")).unwrap_err().to_string();
+        assert!(e.starts_with("line 19: segmentation fault: access at 0x400000 is outside every VMA"), "{e}");
+        let e = kernel("mmap 0x400000 0x2000\nmremap 0x500000 0x2000 0x600000 0x2000\n").unwrap_err().to_string();
+        assert!(e.starts_with("line 2: mremap refused by the kernel: EFAULT"), "{e}");
+    }
+
+    #[test]
+    fn mremap_grows_in_place_into_the_space_above() {
+        // The reservation above the VMA is unmapped first (else ENOMEM).
+        let mut t = String::from("mmap 0x400000 0x4000 nohugepage\n");
+        t += &writes(0x400000, 4);
+        t += "mremap 0x400000 0x4000 0x400000 0x8000\n";
+        t += &writes(0x400000, 8);
+        t += "mremap 0x400000 0x8000 0x400000 0x3000\n";
+        let run = kernel(&t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (8, 0x3000), "{run:?}");
+    }
+
+    #[test]
+    fn brk_heap_never_merges_with_the_vma_below_start_brk() {
+        // A plain rw VMA right below start_brk: the heap brk makes stays a
+        // VMA of its own (do_brk_flags looks no lower than start_brk), where
+        // an mmap of the same range would have merged with it.
+        let t = "mmap 0x7f00000f0000 0x10000\nbrk 0x7f0000100000\nbrk 0x7f0000105010\n";
+        let (_, maps) = kernel_replay_inspect(&trace::parse(t).unwrap(), |s| {
+            let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.pid)).unwrap();
+            let heap = format!("{:x}-{:x} rw-p", s.addr(0x7f0000100000), s.addr(0x7f0000106000));
+            let below = format!("{:x}-{:x} rw-p", s.addr(0x7f00000f0000), s.addr(0x7f0000100000));
+            Ok((maps.lines().find(|l| l.starts_with(&heap)).map(str::to_string), maps.contains(&below)))
+        })
+        .unwrap();
+        assert!(maps.0.as_deref().is_some_and(|l| l.ends_with("[heap]")), "{maps:?}");
+        assert!(maps.1, "the VMA below the heap stays apart: {maps:?}");
+    }
+
+    #[test]
+    fn brk_growth_faults_per_page_and_a_shrink_unmaps() {
+        let mut t = String::from("brk 0x7f0000100000\nbrk 0x7f0000105010\nmadvise 0x7f0000100000 0x6000 nohugepage\n");
+        t += &writes(0x7f0000100000, 6);
+        t += "brk 0x7f0000101001\nw 0x7f0000101fff\n";
+        let run = kernel(&t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (6, 2 * 4096), "{run:?}");
+        let e = kernel(&format!("{t}w 0x7f0000102000\n")).unwrap_err().to_string();
+        assert!(e.starts_with("line 12: segmentation fault: access at 0x7f0000102000"), "{e}");
+        let e = kernel("brk 0x500000\nbrk 0x4ff000\n").unwrap_err().to_string();
+        assert!(e.starts_with("line 2: brk refused by the kernel"), "{e}");
+    }
+
+    #[test]
+    fn madvise_free_keeps_pages_mapped_for_a_later_write() {
+        let mut t = String::from("mmap 0x400000 0x4000 nohugepage\n");
+        t += &writes(0x400000, 4);
+        t += "madvise 0x400000 0x4000 free\n";
+        t += &writes(0x400000, 4);
+        let run = kernel(&t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (4, 0x4000), "{run:?}");
+        t += "madvise 0x400000 0x4000 dontfork\nmadvise 0x400000 0x4000 dofork\n";
+        assert_eq!(kernel(&t).unwrap().faults, 4);
+    }
+
+    #[test]
+    fn populate_faults_count_as_the_kernel_counts_them() {
+        let mut t = String::from("mmap 0x400000 0x4000 nohugepage\nmadvise 0x400000 0x4000 populate_write\n");
+        t += &writes(0x400000, 4);
+        assert_eq!(kernel(&t).unwrap().faults, 4);
+        // populate_read maps zero pages: the writes then copy each one.
+        let mut t = String::from("mmap 0x400000 0x4000 nohugepage\nmadvise 0x400000 0x4000 populate_read\n");
+        t += &writes(0x400000, 4);
+        let run = kernel(&t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (8, 0x4000), "{run:?}");
+        let run = kernel("mmap 0x400000 0x4000 populate noreserve stack\nw 0x403000\n").unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (4, 0x4000), "{run:?}");
+        let run = kernel("mmap 0x400000 0x4000 prot=r populate\n").unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (4, 0), "{run:?}");
+        let e = kernel("mmap 0x400000 0x4000 prot=r\nmadvise 0x400000 0x4000 populate_write\n").unwrap_err();
+        assert!(e.to_string().starts_with("line 2: madvise refused by the kernel: EINVAL"), "{e}");
+    }
+
+    #[test]
+    fn growsdown_stack_grows_to_the_page_below_and_keeps_its_guard_gap() {
+        let mut t = String::from("mmap 0x7f0000400000 0x4000 growsdown nohugepage\n");
+        for i in 1..=4u64 {
+            t += &format!("w {:#x}\n", 0x7f0000400000 - i * PAGE + 8);
+        }
+        let run = kernel(&t).unwrap();
+        assert_eq!((run.faults, run.rss_bytes), (4, 0x4000), "{run:?}");
+        // An accessible VMA below within stack_guard_gap (1 MiB by default):
+        // the kernel refuses to grow the stack and sends SIGSEGV.
+        let t = "mmap 0x7f0000000000 0x1000\nmmap 0x7f0000080000 0x4000 growsdown nohugepage\nw 0x7f000007f000\n";
+        let e = kernel(t).unwrap_err().to_string();
+        assert!(
+            e.starts_with("line 3: segmentation fault: write at 0x7f000007f000: the kernel answered it with SIGSEGV"),
+            "{e}"
+        );
+        // Below a PROT_NONE VMA there is no gap.
+        let t =
+            "mmap 0x7f0000000000 0x1000 prot=none\nmmap 0x7f0000080000 0x4000 growsdown nohugepage\nw 0x7f000007f000\n";
+        assert_eq!(kernel(t).unwrap().faults, 1);
     }
 }

@@ -22,7 +22,7 @@
 //! succeed, so that the checks after them are right.
 
 use crate::{Error, Result, PAGE};
-use anonfolio_trace::{Op, OpKind, Prot};
+use anonfolio_trace::{Advice, Op, OpKind, Prot};
 
 /// A piece of a VMA: what the access checks need. The kernel's own VMAs may
 /// be merged where pieces are not; that changes no answer here.
@@ -34,13 +34,32 @@ struct Piece {
     growsdown: bool,
 }
 
-/// A reservation range to unmap before the operation at `op` (an index into
-/// the trace's operations), in trace addresses.
+/// A system call the replay makes for the operation at `op` (an index into
+/// the trace's operations), in trace addresses, where the trace's own
+/// operation cannot be passed to the kernel as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Punch {
     pub op: usize,
-    pub start: u64,
-    pub end: u64,
+    pub call: Call,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Call {
+    /// Unmap the reservation in `[start, end)` (before the operation).
+    Unreserve { start: u64, end: u64 },
+    /// The operation's `madvise` on `[start, end)` only: the trace's range
+    /// has holes, which in the oracle are reservation (a VMA the advice
+    /// would reach, where the kernel in the trace's address space finds
+    /// nothing: `madvise_walk_vmas` skips it and says ENOMEM, which the
+    /// replay accepts as the kernel does for the mapped parts).
+    Madvise { start: u64, end: u64 },
+    /// The operation's same-size `mremap` move of `[start, end)` to
+    /// `start + delta`, one maximal run of VMAs at a time: the kernel moves
+    /// every VMA of the range (6.17+) and leaves holes where they are.
+    Move { start: u64, end: u64, delta: u64 },
+    /// Nothing to pass to the kernel: the operation reaches no VMA of the
+    /// trace (a madvise of holes only, ENOMEM, which the replay accepts).
+    Skip,
 }
 
 struct Picture {
@@ -120,8 +139,26 @@ impl Picture {
     /// The reservation inside `[a, b)`, which the replay unmaps before `op`.
     fn punch(&mut self, op: usize, a: u64, b: u64, out: &mut Vec<Punch>) {
         if a < b {
-            out.extend(cut(&mut self.reserved, a, b).into_iter().map(|(start, end)| Punch { op, start, end }));
+            let removed = cut(&mut self.reserved, a, b);
+            out.extend(removed.into_iter().map(|(start, end)| Punch { op, call: Call::Unreserve { start, end } }));
         }
+    }
+
+    /// The maximal runs of `[a, b)` that VMAs cover.
+    fn covered_runs(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in self.vmas.iter().filter(|p| p.end > a && p.start < b) {
+            let (s, e) = (p.start.max(a), p.end.min(b));
+            match runs.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => runs.push((s, e)),
+            }
+        }
+        runs
+    }
+
+    fn covers(&self, a: u64, b: u64) -> bool {
+        self.covered_runs(a, b) == [(a, b)]
     }
 
     /// The start of the first piece at or above `a`, or the span's end.
@@ -133,6 +170,10 @@ impl Picture {
     fn prev_end(&self, a: u64) -> u64 {
         self.vmas.iter().rev().find(|p| p.start < a).map_or(self.lo, |p| p.end.min(a)).max(self.lo.min(a))
     }
+}
+
+fn refused(line: u32, what: String) -> Error {
+    Error::AtLine(line, Box::new(Error::Refused(what)))
 }
 
 fn segv(line: u32, addr: u64, write: bool, why: &'static str) -> Error {
@@ -160,20 +201,52 @@ pub(crate) fn check(ops: &[Op], lo: u64, hi: u64, res_lo: u64, res_hi: u64) -> R
                 pic.insert(Piece { start: addr, end, prot: flags.prot, growsdown: flags.growsdown });
             }
             OpKind::Munmap { addr, len } => pic.unmap(addr, addr + len),
-            OpKind::Madvise { .. } => {}
+            OpKind::Madvise { addr, len, advice } => {
+                let runs = pic.covered_runs(addr, addr + len);
+                if runs != [(addr, addr + len)] {
+                    // MADV_POPULATE_* stops at the first hole (ENOMEM).
+                    let populate = matches!(advice, Advice::PopulateRead | Advice::PopulateWrite);
+                    let take =
+                        if populate { runs.first().filter(|r| r.0 == addr).into_iter().count() } else { runs.len() };
+                    for &(start, end) in &runs[..take] {
+                        punches.push(Punch { op: i, call: Call::Madvise { start, end } });
+                    }
+                    if take == 0 {
+                        punches.push(Punch { op: i, call: Call::Skip });
+                    }
+                }
+            }
             OpKind::Mprotect { addr, len, prot } => {
+                if !pic.covers(addr, addr + len) {
+                    return Err(refused(
+                        op.line,
+                        format!(
+                            "mprotect refused by the kernel: ENOMEM ({addr:#x}+{len:#x} is not all mapped; \
+                             do_mprotect_pkey stops at the first hole)"
+                        ),
+                    ));
+                }
                 for p in pic.remove(addr, addr + len) {
                     pic.insert(Piece { prot, ..p });
                 }
             }
             OpKind::Mremap { old_addr, old_len, new_addr, new_len } => {
                 let old_end = old_addr + old_len;
+                // vma_lookup(old_addr) first: a hole there is EFAULT (in the
+                // oracle it is reservation, which the kernel would move).
+                // The rest (one VMA for a resize) the kernel checks itself.
+                if pic.covering(old_addr).is_none() {
+                    return Err(refused(
+                        op.line,
+                        format!("mremap refused by the kernel: EFAULT ({old_addr:#x} is not mapped)"),
+                    ));
+                }
                 if new_addr == old_addr {
                     if new_len < old_len {
                         pic.unmap(old_addr + new_len, old_end);
                     } else if new_len > old_len {
                         // Grows in place (vma_expandable): the gap above must be free.
-                        let Some(&top) = pic.covering(old_end - 1) else { continue };
+                        let Some(&top) = pic.covering(old_end - 1) else { unreachable!("covered above") };
                         let gap_end = pic.next_start(old_end);
                         pic.punch(i, old_end, gap_end, &mut punches);
                         cut(&mut pic.reserved, old_end, old_addr + new_len);
@@ -186,23 +259,21 @@ pub(crate) fn check(ops: &[Op], lo: u64, hi: u64, res_lo: u64, res_hi: u64) -> R
                 // otherwise one VMA, whose tail a shrink unmaps first.
                 let delta = new_addr.wrapping_sub(old_addr);
                 if new_len == old_len {
+                    let runs = pic.covered_runs(old_addr, old_end);
+                    if runs != [(old_addr, old_end)] {
+                        for &(start, end) in &runs {
+                            punches.push(Punch { op: i, call: Call::Move { start, end, delta } });
+                        }
+                    }
                     let moved = pic.remove(old_addr, old_end);
-                    let moved_res = cut(&mut pic.reserved, old_addr, old_end);
                     for p in &moved {
                         pic.unmap(p.start.wrapping_add(delta), p.end.wrapping_add(delta));
-                    }
-                    for &(s, e) in &moved_res {
-                        pic.unmap(s.wrapping_add(delta), e.wrapping_add(delta));
                     }
                     for p in moved {
                         pic.insert(Piece { start: p.start.wrapping_add(delta), end: p.end.wrapping_add(delta), ..p });
                     }
-                    for (s, e) in moved_res {
-                        pic.reserved.push((s.wrapping_add(delta), e.wrapping_add(delta)));
-                    }
-                    pic.reserved.sort_unstable();
                 } else {
-                    let Some(&first) = pic.covering(old_addr) else { continue };
+                    let Some(&first) = pic.covering(old_addr) else { unreachable!("covered above") };
                     pic.unmap(old_addr, old_end);
                     pic.unmap(new_addr, new_addr + new_len);
                     pic.insert(Piece { start: new_addr, end: new_addr + new_len, ..first });
@@ -268,6 +339,10 @@ mod tests {
     use super::*;
     use anonfolio_trace::parse;
 
+    fn unreserve(op: usize, start: u64, end: u64) -> Punch {
+        Punch { op, call: Call::Unreserve { start, end } }
+    }
+
     fn run(t: &str) -> Result<Vec<Punch>> {
         check(&parse(t).unwrap(), 0x10_0000, 0x80_0000, 0, 0xa0_0000)
     }
@@ -289,7 +364,7 @@ mod tests {
             "line 4: segmentation fault: access at 0x200000 is outside every VMA"
         );
         let t = "mmap 0x200000 0x4000\nmremap 0x200000 0x4000 0x200000 0x8000\nw 0x207000\n";
-        assert_eq!(run(t).unwrap(), vec![Punch { op: 1, start: 0x204000, end: 0x80_0000 }]);
+        assert_eq!(run(t).unwrap(), vec![unreserve(1, 0x204000, 0x80_0000)]);
         let t = "mmap 0x200000 0x4000\nmremap 0x200000 0x4000 0x200000 0x2000\nw 0x203000\n";
         assert!(run(t).is_err());
     }
@@ -297,15 +372,48 @@ mod tests {
     #[test]
     fn growth_punches_the_gap_it_grows_into() {
         let t = "mmap 0x200000 0x1000\nmmap 0x400000 0x10000 growsdown\nw 0x3ff000\nw 0x300000\n";
-        assert_eq!(run(t).unwrap(), vec![Punch { op: 2, start: 0x201000, end: 0x400000 }]);
+        assert_eq!(run(t).unwrap(), vec![unreserve(2, 0x201000, 0x400000)]);
         let t = "brk 0x500000\nbrk 0x501001\nw 0x501fff\nbrk 0x500000\nw 0x500000\n";
         let e = run(t).unwrap_err().to_string();
         assert!(e.starts_with("line 5: segmentation fault: access at 0x500000"), "{e}");
         assert_eq!(
             run("mmap 0x600000 0x1000\nbrk 0x500000\nbrk 0x501001\n").unwrap(),
-            vec![Punch { op: 2, start: 0x500000, end: 0x600000 }]
+            vec![unreserve(2, 0x500000, 0x600000)]
         );
         // A write below a VMA that does not grow down is outside every VMA.
         assert!(run("mmap 0x400000 0x10000\nw 0x3ff000\n").is_err());
+    }
+
+    #[test]
+    fn holes_split_madvise_and_same_size_moves_into_runs() {
+        let t = "mmap 0x200000 0x2000\nmmap 0x204000 0x2000\nmadvise 0x200000 0x6000 free\n\
+                 madvise 0x200000 0x6000 populate_write\nmadvise 0x206000 0x1000 dontneed\n";
+        let calls: Vec<Call> = run(t).unwrap().into_iter().map(|p| p.call).collect();
+        assert_eq!(
+            calls,
+            vec![
+                Call::Madvise { start: 0x200000, end: 0x202000 },
+                Call::Madvise { start: 0x204000, end: 0x206000 },
+                Call::Madvise { start: 0x200000, end: 0x202000 },
+                Call::Skip,
+            ]
+        );
+        let t = "mmap 0x200000 0x2000\nmmap 0x204000 0x2000\nmremap 0x200000 0x6000 0x400000 0x6000\n\
+                 w 0x405000\nw 0x403000\n";
+        let e = run(t).unwrap_err();
+        assert!(e.to_string().starts_with("line 5: segmentation fault: access at 0x403000"), "{e}");
+        let t = "mmap 0x200000 0x2000\nmmap 0x204000 0x2000\nmremap 0x200000 0x6000 0x400000 0x6000\n";
+        let calls: Vec<Call> = run(t).unwrap().into_iter().map(|p| p.call).collect();
+        assert_eq!(
+            calls,
+            vec![
+                Call::Move { start: 0x200000, end: 0x202000, delta: 0x200000 },
+                Call::Move { start: 0x204000, end: 0x206000, delta: 0x200000 },
+            ]
+        );
+        let e = run("mmap 0x200000 0x2000\nmremap 0x1ff000 0x2000 0x400000 0x2000\n").unwrap_err();
+        assert!(e.to_string().starts_with("line 2: mremap refused by the kernel: EFAULT"), "{e}");
+        let e = run("mmap 0x200000 0x2000\nmprotect 0x201000 0x2000 r\n").unwrap_err();
+        assert!(e.to_string().starts_with("line 2: mprotect refused by the kernel: ENOMEM"), "{e}");
     }
 }
