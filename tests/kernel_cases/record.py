@@ -1044,6 +1044,17 @@ def _():
     return t.writes(pages(BASE, 128 * K)).writes(pages(BASE + PMD, 256 * K))
 
 
+@ops7("free-split-unwritten-pages-to-zero-page", **only("16kB", "64kB", "2048kB"))
+def _():
+    t = Trace("16kB+64kB+2048kB: folios written once each (one byte: the other pages hold zeroes), then\n"
+              "MADV_FREE of part of them: the split maps the zero-filled pages to the shared zero page\n"
+              "(try_to_map_unused_to_zeropage), so writing them faults (a copy), the written ones do not")
+    t.mmap(BASE, PMD, "hugepage").w(BASE)
+    t.mmap(BASE + PMD, 256 * K, "hugepage").writes(pages(BASE + PMD, 256 * K, 16))
+    t.madvise(BASE + 0x8000, 0x10000, "free").madvise(BASE + PMD + 0x8000, 0x10000, "free")
+    return t.writes(pages(BASE, 128 * K)).writes(pages(BASE + PMD, 128 * K))
+
+
 @ops7("free-zero-pages-then-write", **only("64kB"))
 def _():
     t = Trace("64kB: MADV_FREE of zero-page PTEs and never-touched pages changes nothing; the writes then\n"

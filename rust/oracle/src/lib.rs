@@ -1,43 +1,92 @@
 #![cfg(target_os = "linux")]
 //! The kernel oracle: an anonfolio trace replayed on the real Linux kernel, in
-//! this process, and what the kernel reported about it.
+//! a child process forked for it, and what the kernel reported about it.
+//!
+//! Why a child process: `brk` must be the kernel's own. The heap VMA that
+//! `do_brk_flags` makes never merges with a VMA below `mm->start_brk`
+//! (`brk` looks for the VMA to expand no lower than `start_brk`), while an
+//! `mmap` of the same range merges with a compatible neighbour; so an
+//! emulation by `mmap`/`mremap` gets the VMA boundaries, and with them the
+//! folio orders beside the heap, wrong exactly where real programs have
+//! their heap (ASLR off: right above the bss). The real `brk` moves the
+//! heap of the process that calls it, which in this process would break
+//! malloc; the child allocates nothing after the fork, sets
+//! `mm->start_brk = mm->brk` to the trace's first `brk` address with
+//! `prctl(PR_SET_MM, PR_SET_MM_MAP)` (which, unlike `PR_SET_MM_START_BRK`,
+//! needs no CAP_SYS_RESOURCE) and then calls `brk(2)` for every later line.
+//! The test `brk_heap_never_merges_with_the_vma_below_start_brk` checks the
+//! resulting `[heap]` VMA in the child's `/proc/PID/maps`. The child also
+//! takes any SIGSEGV the kernel sends: the parent reports it with the line
+//! in progress.
 //!
 //! How a trace is placed:
 //! - A `PROT_NONE` reservation (`MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE`)
-//!   covers the trace's span, rounded out to 2 MiB, plus 2 MiB on each side.
-//!   Its traced part starts on a 2 MiB boundary, and a trace address `a`
-//!   becomes `base + (a - align_down(lowest trace address, 2 MiB))`, so every
-//!   address keeps its offset inside its 2 MiB page (and so its PMD and folio
-//!   alignment). Nothing else can merge with the trace's VMAs: their
-//!   neighbours are `PROT_NONE`.
-//! - `mmap` is `mmap(MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS, PROT_READ|PROT_WRITE)`
-//!   over the reservation, then `madvise(MADV_HUGEPAGE/MADV_NOHUGEPAGE)` if
-//!   flagged, then, for `uffd-wp`, `UFFDIO_REGISTER` in write-protect mode on
-//!   a userfaultfd opened before the loop.
+//!   covers the trace's span (every address a line names; for `brk`, up to
+//!   one page above the rounded-up break), rounded out to 2 MiB, plus 2 MiB
+//!   on each side. Its traced part starts on a 2 MiB boundary, and a trace
+//!   address `a` becomes `base + (a - align_down(lowest trace address, 2
+//!   MiB))`, so every address keeps its offset inside its 2 MiB page (and so
+//!   its PMD and folio alignment). The reservation is made before the fork;
+//!   nothing else maps in the child, so the holes the trace makes stay holes.
+//! - `mmap` is `mmap(MAP_FIXED|MAP_PRIVATE|MAP_ANONYMOUS|flags, prot)` over
+//!   the reservation (`prot=`: PROT_READ|PROT_WRITE, PROT_READ, PROT_NONE;
+//!   flags: `populate` MAP_POPULATE, `growsdown` MAP_GROWSDOWN, `noreserve`
+//!   MAP_NORESERVE, `stack` MAP_STACK), then `madvise(MADV_HUGEPAGE/
+//!   MADV_NOHUGEPAGE)` if flagged (after MAP_POPULATE has faulted, as a
+//!   program's advice would come), then, for `uffd-wp`, `UFFDIO_REGISTER` in
+//!   write-protect mode on a userfaultfd the child opens.
 //! - `munmap` is a real `munmap`: it leaves a hole inside the reservation's
 //!   span, as the kernel examples did.
-//! - `madvise` is `madvise(MADV_DONTNEED/MADV_HUGEPAGE/MADV_NOHUGEPAGE)`. A
-//!   range that is partly unmapped gets `ENOMEM` from the kernel after the
-//!   advice was applied to the mapped part; that is not an error here.
+//! - `mprotect` is `mprotect(2)`; `mremap` is `mremap(2)` in place (no
+//!   flags) when the addresses are equal, else `MREMAP_MAYMOVE|MREMAP_FIXED`.
+//! - `madvise` is `madvise(2)` with the named advice. A range that is partly
+//!   unmapped gets `ENOMEM` from the kernel after the advice was applied to
+//!   the mapped part; that is not an error here.
 //! - `w` is a volatile one-byte write, `r` a volatile one-byte read.
-//! - Threads: the lines of every thread (`@T`) run on the calling thread, in
-//!   the order of the trace file (a serial interleaving). The kernel oracle
-//!   has no concurrency.
+//! - Threads: the lines of every thread (`@T`) run on the child's one
+//!   thread, in the order of the trace file (a serial interleaving, which
+//!   keeps every VMA operation a barrier). The kernel oracle has no
+//!   concurrency.
 //!
-//! Before the loop the trace's own VMA set is simulated (an interval list):
-//! an access outside every VMA the trace created, or an `mmap` over an
-//! existing one, is reported with its line instead of crashing the process.
+//! The reservation is a VMA where the trace has empty address space, so the
+//! oracle's picture of the trace's VMAs (module `picture`) decides, before
+//! anything runs, how each line reaches the kernel:
+//! - where the trace grows into space it never mapped (a `brk` that grows
+//!   the heap, an access below a `growsdown` VMA, an `mremap` that grows in
+//!   place), the reservation of the whole gap grown into is unmapped first
+//!   (from the old end to the next mapping, or the end of the span; below a
+//!   stack, from the mapping below, or the start of the span);
+//! - a `madvise` over holes is given to the covered runs only
+//!   (`MADV_POPULATE_*`: up to the first hole, where the kernel stops), a
+//!   same-size `mremap` move is made one run of VMAs at a time (the kernel
+//!   moves every VMA of the range and leaves the holes);
+//! - what the kernel would refuse in the trace's address space and would not
+//!   here is reported with its line: an `mprotect` that is not all mapped
+//!   (ENOMEM), an `mremap` whose old address is not mapped (EFAULT);
+//! - an access the kernel answers with SIGSEGV is reported with its line
+//!   without running anything: outside every VMA, a write to a read-only
+//!   VMA, any access to a PROT_NONE one; below a growsdown VMA the kernel
+//!   decides (stack guard gap, RLIMIT_STACK) and the parent reports the
+//!   child's SIGSEGV with its line.
+//!
+//! A VMA operation the kernel refuses while replaying (mmap, munmap,
+//! mprotect, mremap, madvise other than ENOMEM, or a `brk` that leaves the
+//! break where it was) stops the replay: its line and errno are reported.
 //!
 //! What is measured:
-//! - `faults`: minor faults of the calling thread (`getrusage(RUSAGE_THREAD)`,
-//!   which equals `RUSAGE_SELF` for a single-threaded process but is not
-//!   disturbed by other threads of the host process, e.g. Python threads
-//!   while the GIL is released), across the loop, less the harness overhead
-//!   measured by running the same loop with no operations. A warm-up replay
-//!   of a small synthetic trace that uses every operation runs first, so the
-//!   loop's code and data pages are already present.
-//! - `rss_bytes`: the sum of `Rss:` in `/proc/self/smaps` over the mappings
-//!   inside the reservation, read after the loop, before anything is unmapped.
+//! - `faults`: minor faults of the child's thread (`getrusage(RUSAGE_THREAD)`),
+//!   across the loop, less the harness overhead measured by running the same
+//!   loop with no operations. A warm-up replay of a small synthetic trace that
+//!   uses every operation runs first in the child, so the loop's code, stack
+//!   and data pages are present there (after a fork, the first write to each
+//!   inherited page is a copy-on-write fault). Faults taken inside system
+//!   calls through GUP (MAP_POPULATE, MADV_POPULATE_*) are counted as the
+//!   kernel counts them: in the task's `min_flt`.
+//! - `rss_bytes`: the sum of `Rss:` in the child's `/proc/PID/smaps` over the
+//!   mappings inside the reservation, read by the parent after the loop,
+//!   while the child is stopped, before anything is unmapped.
+//!   [`kernel_replay_inspect`] lets a caller read more of the stopped child
+//!   (its maps, its pagemap).
 //! - `mthp`: deltas across the loop of `hugepages-*/stats/*`; the gauges
 //!   `nr_anon` and `nr_anon_partially_mapped` too, read before the final unmap.
 //!   These counters are system-wide: other processes faulting large folios at
@@ -46,7 +95,8 @@
 //! - `elapsed_s`: wall seconds of the loop.
 //!
 //! The loop itself does not allocate: operations are translated into a
-//! flat array beforehand, and errors are recorded in a fixed-size slot.
+//! flat array before the fork, and what the child reports is written into
+//! memory it shares with the parent.
 use anonfolio_trace::{Advice, Op, OpKind, Prot};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
