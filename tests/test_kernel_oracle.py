@@ -266,6 +266,35 @@ def test_kernel_replay_reports_bad_traces():
     assert read_thp_settings() == before
 
 
+@live
+def test_kernel_replay_reports_what_the_kernel_refuses_with_the_line():
+    """A write the kernel answers with SIGSEGV (a read-only VMA; a stack
+    that may not grow within the guard gap of the VMA below) is a
+    SegmentationFault naming the line and address; a VMA operation the
+    kernel refuses is a RangeError naming the line and the errno; nothing
+    crashes the process."""
+    import anonfolio
+    from anonfolio.kernel import kernel_replay
+
+    with pytest.raises(anonfolio.SegmentationFault, match="line 3: .*read-only") as e:
+        kernel_replay("mmap 0x400000 0x4000\nmprotect 0x400000 0x1000 r\nw 0x400010\n")
+    assert (e.value.line, e.value.address) == (3, 0x400010)
+    stack = "mmap 0x7f0000000000 0x1000\nmmap 0x7f0000080000 0x4000 growsdown\nw 0x7f000007f000\n"
+    with pytest.raises(anonfolio.SegmentationFault, match="line 3: .*SIGSEGV") as e:
+        kernel_replay(stack)
+    assert e.value.address == 0x7F000007F000
+    with pytest.raises(anonfolio.RangeError, match="line 2: mremap refused by the kernel: EFAULT"):
+        kernel_replay("mmap 0x400000 0x4000\nmremap 0x500000 0x1000 0x600000 0x1000\n")
+    with pytest.raises(anonfolio.RangeError, match="line 3: brk refused by the kernel"):
+        kernel_replay("mmap 0x400000 0x1000\nbrk 0x3fe000\nbrk 0x400000\n")
+    # A program's layout: the heap right above the bss (ASLR off), a stack
+    # at the top of user space that grows by a page.
+    run = kernel_replay("mmap 0x555555554000 0x4000 nohugepage\nbrk 0x555555558000\nbrk 0x555555561000\n"
+                        "madvise 0x555555558000 0x9000 nohugepage\nw 0x555555560fff\n"
+                        "mmap 0x7ffffffde000 0x21000 growsdown nohugepage\nw 0x7ffffffdd008\n")
+    assert (run["faults"], run["rss_bytes"]) == (2, 8192), run
+
+
 def test_kernel_commands_read_the_options_as_replay_does(capsys):
     """One configuration layer: kernel-replay and validate take the knobs
     with replay's parser into the same Config, spellings and errors alike."""

@@ -231,8 +231,13 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// The errno's text without std's " (os error N)" suffix.
 fn strerror(e: i32) -> String {
-    std::io::Error::from_raw_os_error(e).to_string()
+    let s = std::io::Error::from_raw_os_error(e).to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 /// Opens a userfaultfd and does the `UFFDIO_API` handshake. It allocates
@@ -1140,6 +1145,17 @@ enum ChildEnd<T> {
     Signal { line: u32, sig: &'static str },
 }
 
+/// The replaying child, killed and reaped when this is dropped.
+struct Child(libc::pid_t);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // SAFETY: our own child, stopped or running; then reap it.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+        let _ = waitpid(self.0, 0);
+    }
+}
+
 fn waitpid(pid: libc::pid_t, flags: libc::c_int) -> Result<libc::c_int> {
     let mut status = 0;
     loop {
@@ -1174,6 +1190,8 @@ fn run_in_child<T>(
         // SAFETY: we are the child; `warm`, `ops` and `sh` were made before the fork.
         unsafe { child_main(&sh, warm, ops, probe, needs_uffd) }
     }
+    // Killed and reaped however this function is left (a panic in `at_end` too).
+    let child = Child(pid);
     let status = waitpid(pid, libc::WUNTRACED)?;
     // SAFETY: the child stopped or ended: it writes the report no more.
     let rep = unsafe { &*sh.report() };
@@ -1184,9 +1202,7 @@ fn run_in_child<T>(
     };
     if libc::WIFSTOPPED(status) {
         let seen = at_end(pid);
-        // SAFETY: our own stopped child.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        waitpid(pid, 0)?;
+        drop(child);
         let seen = seen?;
         if rep.state != CHILD_DONE {
             return Err(Error::Oracle("the replaying child stopped before the end of the replay".into()));
@@ -1195,6 +1211,7 @@ fn run_in_child<T>(
         let end = ChildEnd::Ran { faults: rep.faults, harness: rep.harness, elapsed: rep.elapsed, err: rep.err, seen };
         return Ok((end, s0, s1));
     }
+    std::mem::forget(child); // it has ended: reaped by the wait above
     let line = rep.line.load(Ordering::Relaxed);
     if libc::WIFEXITED(status) {
         let code = libc::WEXITSTATUS(status);
@@ -1468,6 +1485,10 @@ mod tests {
         assert!(e.starts_with("line 19: segmentation fault: access at 0x400000 is outside every VMA"), "{e}");
         let e = kernel("mmap 0x400000 0x2000\nmremap 0x500000 0x2000 0x600000 0x2000\n").unwrap_err().to_string();
         assert!(e.starts_with("line 2: mremap refused by the kernel: EFAULT"), "{e}");
+        // A move that also grows must take one VMA: the kernel says EFAULT.
+        let t = "mmap 0x400000 0x2000\nmmap 0x402000 0x2000 prot=r\nmremap 0x400000 0x4000 0x600000 0x8000\n";
+        let e = kernel(t).unwrap_err().to_string();
+        assert_eq!(e, "line 3: mremap refused by the kernel: EFAULT (Bad address)");
     }
 
     #[test]
