@@ -100,8 +100,10 @@ fn cut(v: &mut Vec<(u64, u64)>, a: u64, b: u64) -> Vec<(u64, u64)> {
 }
 
 impl Picture {
+    /// The piece holding `addr` (binary search: accesses are most lines).
     fn covering(&self, addr: u64) -> Option<&Piece> {
-        self.vmas.iter().find(|p| p.start <= addr && addr < p.end)
+        let i = self.vmas.partition_point(|p| p.start <= addr);
+        self.vmas[..i].last().filter(|p| addr < p.end)
     }
 
     fn insert(&mut self, p: Piece) {
@@ -312,7 +314,8 @@ pub(crate) fn check(ops: &[Op], lo: u64, hi: u64, res_lo: u64, res_hi: u64) -> R
                         // Below a MAP_GROWSDOWN VMA the kernel grows it to the
                         // page of the access (expand_downwards), if the stack
                         // guard gap and RLIMIT_STACK allow: that is its call.
-                        let Some(k) = pic.vmas.iter().position(|p| p.start > addr) else {
+                        let k = pic.vmas.partition_point(|p| p.start <= addr);
+                        let Some(_) = pic.vmas.get(k) else {
                             return Err(Error::AtLine(op.line, Box::new(Error::Segv(addr))));
                         };
                         let stack = pic.vmas[k];
