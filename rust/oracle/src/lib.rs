@@ -1509,15 +1509,30 @@ mod tests {
         // VMA of its own (do_brk_flags looks no lower than start_brk), where
         // an mmap of the same range would have merged with it.
         let t = "mmap 0x7f00000f0000 0x10000\nbrk 0x7f0000100000\nbrk 0x7f0000105010\n";
-        let (_, maps) = kernel_replay_inspect(&trace::parse(t).unwrap(), |s| {
+        // The VmFlags of the smaps entry starting with `head`.
+        fn vm_flags(smaps: &str, head: &str) -> Option<String> {
+            let rest = &smaps[smaps.find(head)?..];
+            let l = rest.lines().find(|l| l.starts_with("VmFlags:"))?;
+            Some(l["VmFlags:".len()..].trim().to_string())
+        }
+        let (_, (maps, flags)) = kernel_replay_inspect(&trace::parse(t).unwrap(), |s| {
             let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.pid)).unwrap();
+            let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", s.pid)).unwrap();
             let heap = format!("{:x}-{:x} rw-p", s.addr(0x7f0000100000), s.addr(0x7f0000106000));
             let below = format!("{:x}-{:x} rw-p", s.addr(0x7f00000f0000), s.addr(0x7f0000100000));
-            Ok((maps.lines().find(|l| l.starts_with(&heap)).map(str::to_string), maps.contains(&below)))
+            let line = maps.lines().find(|l| l.starts_with(&heap)).map(str::to_string);
+            Ok(((line, maps.contains(&below)), vm_flags(&smaps, &heap)))
         })
         .unwrap();
         assert!(maps.0.as_deref().is_some_and(|l| l.ends_with("[heap]")), "{maps:?}");
         assert!(maps.1, "the VMA below the heap stays apart: {maps:?}");
+        // The flags do_brk_flags gives a heap: those of this process's own.
+        assert_eq!(flags.as_deref(), Some("rd wr mr mw me ac"));
+        let own = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        if let Some(l) = own.lines().find(|l| l.ends_with("[heap]")) {
+            let head = l.split_whitespace().next().unwrap();
+            assert_eq!(flags, vm_flags(&own, head), "{l}");
+        }
     }
 
     #[test]
