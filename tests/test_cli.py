@@ -1,4 +1,4 @@
-"""The command line of interface.md: output, JSON keys, exit statuses and the
+"""The command line (docs/cli.md): output, JSON keys, exit statuses and the
 one-line errors. Most tests call ``anonfolio.cli.main`` in-process; a few run
 ``python -m anonfolio`` (and the ``anonfolio`` script, if installed) for real."""
 

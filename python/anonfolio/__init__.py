@@ -18,6 +18,10 @@ The pieces:
 - :class:`Stats`: the figures, under the kernel's names.
 - :func:`replay`, :func:`run`, :func:`sweep`: one-call helpers.
 - Exceptions: :class:`AnonfolioError` and its subclasses.
+
+The repository documents the rest: docs/trace-format.md (traces),
+docs/json.md (every figure), docs/cli.md (the command line),
+docs/workloads.md (the built-in workloads).
 """
 
 from __future__ import annotations

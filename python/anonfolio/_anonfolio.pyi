@@ -265,9 +265,12 @@ class Simulator:
         iterations: Optional[int] = None,
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
+        advice: Optional[str] = None,
     ) -> RunDict:
-        """Maps a VMA of ``size`` bytes (default 1 GiB) advised MADV_HUGEPAGE
-        and writes to it in the workload's order (None: ``sequential``): ``sequential``,
+        """Maps a VMA of ``size`` bytes (default 1 GiB) with ``advice``
+        (``hugepage``: MADV_HUGEPAGE, ``nohugepage``, ``none``; None is
+        ``hugepage``, except for page_fault1, which will-it-scale maps
+        unadvised) and writes to it in the workload's order (None: ``sequential``): ``sequential``,
         ``reverse``, ``stride`` (every ``stride``-th page), ``random`` (a
         seeded permutation of ``fraction`` of the pages), ``sparse`` (each
         page with probability ``fraction``, default 0.1), ``page_fault1``

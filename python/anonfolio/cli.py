@@ -1,4 +1,4 @@
-"""The ``anonfolio`` command line (see ``interface.md``)::
+"""The ``anonfolio`` command line (every command and option: docs/cli.md)::
 
     anonfolio replay TRACE [--thp-enabled MODE] [--thp SIZE=MODE ...] [--policy P]
                            [--threads N] [--deterministic SEED] [--json]
@@ -9,6 +9,8 @@
     anonfolio experiment scaling [--threads N,N,...]
     anonfolio kernel-replay TRACE [THP options] [--json]
     anonfolio validate TRACE [THP options] [--policy P] [--json]
+    anonfolio report TRACE --out DIR [grid options]
+    anonfolio sweep [--workload W,... | --trace TRACE] [grid options] [--out FILE.csv|.parquet]
 
 Bad input exits with status 2 and one line on stderr, ``anonfolio: error: ...``.
 
@@ -28,10 +30,11 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
 
 from . import _anonfolio
-from .api import SHARING, WORKLOADS, Simulator
+from .api import ADVICE, SHARING, WORKLOADS, Simulator
 from .config import ENABLED_MODES, POLICIES, Config
 from .results import ConfigJson, KernelReplay, ValidateResult
 from .stats import Stats
@@ -42,6 +45,8 @@ PROG = "anonfolio"
 #: What ``anonfolio run`` does with no options: big enough to mean something,
 #: small enough to print in well under a second.
 DEFAULT_RUN_SIZE = "1G"
+#: page_fault1's own: will-it-scale maps 128 MiB per task.
+PAGE_FAULT1_SIZE = "128M"
 
 
 class CliError(Exception):
@@ -104,9 +109,15 @@ def _thp_spec(text: str) -> str:
     if not sep:
         raise argparse.ArgumentTypeError(f"malformed {text!r} (want SIZE=always|inherit|madvise|never)")
     try:
-        name = _anonfolio.size_name(_anonfolio.parse_thp_size(size))
+        order = _anonfolio.parse_thp_size(size)
     except _anonfolio.AnonfolioError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    name = _anonfolio.size_name(order)
+    if order == 1:
+        raise argparse.ArgumentTypeError(
+            f"{size}: the kernel has no anonymous-memory knob for 8kB (order 1 is never used for anon; "
+            "hugepages-8kB exists for files only); sizes: 16kB, 32kB, ..., 2048kB"
+        )
     if mode not in ("always", "inherit", "madvise", "never"):
         raise argparse.ArgumentTypeError(
             f"unknown mode {mode!r} for {name} (want always, inherit, madvise or never)"
@@ -118,23 +129,34 @@ def _thp_spec(text: str) -> str:
 # Shared options
 
 
+#: What the THP knobs are when no option changes them: this kernel's defaults.
+KERNEL_DEFAULT_KNOBS = "enabled=madvise, 2048kB=inherit, every other size never"
+
+
 def add_config_options(
-    p: argparse.ArgumentParser, *, policy: bool = True, preempt: bool = True, machine: bool = True
+    p: argparse.ArgumentParser,
+    *,
+    policy: bool = True,
+    preempt: bool = True,
+    machine: bool = True,
+    knob_defaults: str = KERNEL_DEFAULT_KNOBS,
+    knobs: bool = True,
 ) -> None:
     """The options that make a :class:`Config`: the THP knobs always; the
     fault-path policy (``--policy``, ``--on-race``), the deterministic
     schedule's ``--preempt`` and the simulated machine when asked (the
     kernel oracle has only the knobs)."""
     g = p.add_argument_group(f"THP knobs{' and policy' if policy else ''} (as /sys/kernel/mm/transparent_hugepage/)")
-    g.add_argument(
-        "--thp-enabled", choices=ENABLED_MODES, metavar="MODE",
-        help="transparent_hugepage/enabled: always, madvise (default) or never",
-    )
-    g.add_argument(
-        "--thp", action="append", type=_thp_spec, default=[], metavar="SIZE=MODE",
-        help="hugepages-SIZE/enabled (SIZE as 64kB, 64K, 2M; MODE always|inherit|madvise|never); "
-        "repeatable. Default: 2048kB=inherit, every other size never",
-    )
+    if knobs:
+        g.add_argument(
+            "--thp-enabled", choices=ENABLED_MODES, metavar="MODE",
+            help=f"transparent_hugepage/enabled: always, madvise or never (default: {knob_defaults})",
+        )
+        g.add_argument(
+            "--thp", action="append", type=_thp_spec, default=[], metavar="SIZE=MODE",
+            help="hugepages-SIZE/enabled (SIZE 16kB..2048kB, also 64K, 2M; MODE always|inherit|madvise|never); "
+            f"repeatable; sizes not named keep their defaults ({knob_defaults})",
+        )
     if policy:
         g.add_argument("--policy", choices=POLICIES, metavar="POLICY",
                        help="fault path: upstream (default; Linux 6.8..6.18), v1 (the seed patch) or preferred")
@@ -153,12 +175,12 @@ def add_config_options(
     m.add_argument("--memory", type=_bytes, metavar="BYTES", help="physical memory (default 4T)")
     m.add_argument("--memcg-limit", type=_bytes, metavar="BYTES", help="memcg memory.max (default unlimited)")
     m.add_argument("--fragmentation", type=_fraction, metavar="F",
-                   help="fraction 0..1 of pageblocks pinned before the run")
+                   help="fraction 0..1 of pageblocks pinned before the run (default 0)")
     m.add_argument("--fail-order", action="append", default=[], metavar="ORDER|SIZE",
                    help="make every allocation of this order (or size, 64kB) fail; repeatable")
     m.add_argument("--fail-rate", type=_fraction, metavar="F",
-                   help="probability that an allocation above order 0 fails")
-    m.add_argument("--fail-seed", type=_count(0), metavar="S", help="seed of the failure injection")
+                   help="probability that an allocation above order 0 fails (default 0)")
+    m.add_argument("--fail-seed", type=_count(0), metavar="S", help="seed of the failure injection (default 0)")
     m.add_argument("--check-invariants", action="store_true",
                    help="check mapcounts and page conservation after the run")
 
@@ -191,8 +213,7 @@ def _config_summary(cfg: Config) -> str:
 
 
 def _json_config(cfg: Config) -> ConfigJson:
-    return ConfigJson(enabled=cfg.enabled, hugepages=dict(cfg.hugepages), policy=cfg.policy,
-                      use_zero_page=cfg.use_zero_page)
+    return ConfigJson(**cfg.to_dict())
 
 
 def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Optional[dict[str, Any]] = None) -> None:
@@ -207,10 +228,16 @@ def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Opti
     sys.stdout.flush()
 
 
-def _fail_with_partial(e: _anonfolio.AnonfolioError, args: argparse.Namespace, extra: dict[str, Any]) -> NoReturn:
-    """A replay or run stopped by an error: with --json, print what ran first."""
-    if getattr(args, "json", False) and e.stats is not None:
-        emit(e.stats if isinstance(e.stats, Stats) else Stats(e.stats), args,
+def _fail_with_partial(
+    e: _anonfolio.AnonfolioError, args: argparse.Namespace, extra: dict[str, Any], title: str = ""
+) -> NoReturn:
+    """A replay or run stopped by an error: print what ran before it, then
+    the error goes to stderr as usual. With --json always (one object with
+    an ``error`` key); as a table only when the run itself ran out of memory
+    (a result worth reading), not for bad input, which only needs fixing."""
+    if e.stats is not None and (getattr(args, "json", False) or isinstance(e, _anonfolio.OutOfMemory)):
+        stats = e.stats if isinstance(e.stats, Stats) else Stats(e.stats)
+        emit(stats, args, title=f"{title}  -- stopped: {_one_line(str(e))}" if title else "",
              extra=dict(extra, error=_one_line(str(e))))
     raise e
 
@@ -237,35 +264,66 @@ def cmd_replay(args: argparse.Namespace) -> int:
     path = args.trace
     text = _read_trace(path)
     sim = Simulator(cfg)
-    extra = {"config": _json_config(cfg)}
+    extra = {"config": _json_config(cfg), "trace": path, "threads": args.threads,
+             "deterministic": args.deterministic}
+    title = f"replay {path}  ({_config_summary(cfg)})"
     try:
         s = sim.replay(text, threads=args.threads, deterministic=args.deterministic)
     except _anonfolio.AnonfolioError as e:
-        _fail_with_partial(e, args, extra)
-    emit(s, args, title=f"replay {path}  ({_config_summary(cfg)})", extra=extra)
+        _fail_with_partial(e, args, extra, title)
+    emit(s, args, title=title, extra=extra)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     sim = Simulator(cfg)
-    size = args.size if args.size is not None else _anonfolio.parse_bytes(DEFAULT_RUN_SIZE)
-    kw: dict[str, Any] = dict(threads=args.threads, sharing=args.sharing, deterministic=args.deterministic)
+    size = args.size if args.size is not None else _anonfolio.parse_bytes(
+        PAGE_FAULT1_SIZE if args.workload == "page_fault1" else DEFAULT_RUN_SIZE)
+    kw: dict[str, Any] = dict(threads=args.threads, sharing=args.sharing, deterministic=args.deterministic,
+                              advice=args.advice or default_advice(args.workload))
     for name in ("stride", "fraction", "seed", "iterations"):
         v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
+        kw[name] = v if v is not None else workload_default(args.workload, name)
     extra = {"config": _json_config(cfg), "workload": dict(name=args.workload, size=size, **kw)}
-    try:
-        s = sim.run(args.workload, size, **kw)
-    except _anonfolio.AnonfolioError as e:
-        _fail_with_partial(e, args, extra)
     from .stats import format_bytes
 
-    title = (f"run {args.workload} over {format_bytes(size)}, {args.threads} thread(s)"
+    title = (f"run {args.workload} over {format_bytes(size)} ({kw['advice']}), {args.threads} thread(s)"
              f"{' ' + args.sharing if args.threads > 1 else ''}  ({_config_summary(cfg)})")
+    run_kw = {k: v for k, v in kw.items() if v is not None}
+    from .api import check_fits
+
+    try:
+        check_fits(cfg, args.workload, size, **run_kw)
+    except _anonfolio.OutOfMemory as e:
+        raise CliError(str(e)) from None  # the options ask for more than the machine has: bad input
+    try:
+        s = sim.run(args.workload, size, **run_kw)
+    except _anonfolio.AnonfolioError as e:
+        _fail_with_partial(e, args, extra, title)
     emit(s, args, title=title, extra=extra)
     return 0
+
+
+#: What ``run`` uses for an option not given, by workload (None: not used).
+_WORKLOAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stride": {"stride": 1},
+    "random": {"fraction": 1.0, "seed": 0},
+    "sparse": {"fraction": 0.1, "seed": 0},
+    "page_fault1": {"iterations": 1},
+}
+
+
+def workload_default(workload: str, option: str) -> Any:
+    """The value ``run --workload W`` uses for ``--OPTION`` when it is not
+    given (None: the workload does not use the option)."""
+    return _WORKLOAD_DEFAULTS.get(workload, {}).get(option)
+
+
+def default_advice(workload: str) -> str:
+    """MADV_HUGEPAGE for every built-in workload but page_fault1, which
+    will-it-scale maps without advice."""
+    return "none" if workload == "page_fault1" else "hugepage"
 
 
 def cmd_race_policies(args: argparse.Namespace) -> int:
@@ -289,6 +347,7 @@ def cmd_race_policies(args: argparse.Namespace) -> int:
         free_size=None if args.no_free else args.free_size, free_threads=args.free_threads,
         free_repeat=args.free_repeat, workload=args.workload, config=cfg,
         plots=not args.no_plots, jobs=args.jobs, log=sys.stderr if not args.quiet else None,
+        progress=False if args.quiet else None,
     )
     if args.quiet:
         sys.stdout.write(f"{os.path.join(res.out, 'results.md')}\n")
@@ -305,9 +364,111 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     res = experiments.scaling(
         workload=args.workload, threads=args.threads, size=args.size, iterations=args.iterations,
         repeat=args.repeat, config=cfg, out=args.out, plots=not args.no_plots,
-        log=sys.stderr if args.out else None,
+        log=sys.stderr if args.out else None, progress=False if args.no_progress else None,
     )
     sys.stdout.write(res.table + "\n")
+    return 0
+
+
+def _grid_from_args(args: argparse.Namespace, default: bool) -> list[tuple[str, Config]]:
+    """The settings a ``report`` or ``sweep`` command line asks for."""
+    from . import grid
+
+    base = config_from_args(argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                                  if k not in ("thp", "thp_enabled", "policy")}))
+    try:
+        if default and not args.thp and not args.thp_enabled:
+            return grid.default_report_grid(base, policy=args.policy)
+        return grid.config_grid(args.thp, enabled=args.thp_enabled, policy=args.policy, base=base)
+    except (grid.GridError, _anonfolio.ConfigError) as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    settings = _grid_from_args(args, default=True)
+    text = _read_trace(args.trace)
+    _anonfolio.check_trace(text)
+    res = report(text if args.trace == "-" else args.trace, args.out, settings, threads=args.threads,
+                 deterministic=args.deterministic, progress=False if args.no_progress else None)
+    sys.stdout.write(f"{res.html}\n{res.csv}\n")
+    return 0
+
+
+def _executor(spec: Optional[str], jobs: Optional[int]) -> tuple[Any, Callable[[], None]]:
+    """``--executor``: None (serial), ``processes`` (a process pool of
+    ``--jobs`` workers) or ``dask:ADDRESS`` (a Dask distributed scheduler);
+    with the function that releases it."""
+    if spec is None or spec == "serial":
+        return None, lambda: None
+    if spec == "processes":
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=jobs)
+        return pool, pool.shutdown
+    if spec.startswith("dask:"):
+        import importlib
+
+        try:
+            client_class: Any = importlib.import_module("distributed").Client
+        except ImportError:
+            raise CliError("--executor dask:... needs Dask distributed: pip install 'anonfolio[cluster]'") from None
+        try:
+            client = client_class(spec[len("dask:"):], timeout=10)
+        except OSError as e:
+            raise CliError(f"--executor {spec}: cannot reach the Dask scheduler: {_one_line(str(e))}") from None
+        ex = client.get_executor()
+
+        def close() -> None:
+            ex.shutdown()
+            client.close()
+
+        return ex, close
+    raise CliError(f"unknown --executor {spec!r} (want serial, processes or dask:ADDRESS)")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .api import sweep
+
+    settings = _grid_from_args(args, default=False)
+    kw: dict[str, Any] = {}
+    for name in ("threads", "advice", "sharing", "stride", "fraction", "seed", "iterations"):
+        v = getattr(args, name)
+        if v:
+            kw[name] = v if len(v) > 1 else v[0]
+    if args.deterministic is not None:
+        kw["deterministic"] = args.deterministic
+    out = args.out
+    if out and not out.endswith((".csv", ".parquet")):
+        raise CliError(f"--out {out}: want a .csv or .parquet file name")
+    ex, release = _executor(args.executor, args.jobs)
+    try:
+        if args.trace is not None:
+            for k in ("advice", "sharing", "stride", "fraction", "seed", "iterations"):
+                if k in kw:
+                    raise CliError(f"--{k} is for workloads, not with --trace")
+            trace: Any = _read_trace(args.trace) if args.trace == "-" else Path(args.trace)
+            if not isinstance(trace, str):
+                _read_trace(args.trace)  # a missing file is one line, before anything runs
+            res = sweep(dict(settings), trace=trace, executor=ex,
+                        progress=False if args.no_progress else None, **kw)
+        else:
+            res = sweep(args.workload, configs=dict(settings), sizes=args.size or None, executor=ex,
+                        progress=False if args.no_progress else None, **kw)
+    finally:
+        release()
+    if out and out.endswith(".parquet"):
+        try:
+            res.to_parquet(out)
+        except ImportError as e:
+            raise CliError(f"--out {out}: {e}") from None
+    elif out:
+        res.to_csv(out)
+    else:
+        sys.stdout.write(res.to_csv() or "")
+    if out:
+        sys.stdout.write(f"{out}: {len(res)} runs\n")
     return 0
 
 
@@ -330,6 +491,13 @@ def _kernel_table(result: KernelReplay) -> str:
              f"faults     {result['faults']}",
              f"rss_bytes  {result['rss_bytes']}",
              f"elapsed_s  {result['elapsed_s']:.6f}"]
+    orders = result.get("folio_orders")
+    if orders is not None:
+        held = "  ".join(f"{_anonfolio.size_name(o) if o else '4kB'}={n}" for o, n in enumerate(orders) if n)
+        lines.append(f"folios held at the end (this process, pagemap): {held or 'none'}")
+    else:
+        lines.append("folios held at the end: unknown (pagemap/kpageflags unreadable)")
+    lines.append("system-wide counter deltas (other processes' faults count too):")
     for size, counters in result["mthp"].items():
         nz = {k: v for k, v in counters.items() if v}
         if nz:
@@ -355,16 +523,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _anonfolio.check_trace(text)  # bad input is reported before anything runs
     sim = dict(Simulator(cfg).replay(text).to_dict(), config=_json_config(cfg))
     kern = _on_the_kernel(text, cfg)
-    rows = kernel.compare(sim, kern)
-    ok = all(r["match"] for r in rows)
+    rows = kernel.compare(sim, kern, system_counters=args.system_counters)
+    ok, notes = kernel.verdict(rows)
+    scope = "system" if any(r["decides"] and r["scope"] == "system" for r in rows) else "process"
     if args.json:
-        out = ValidateResult(match=ok, rows=rows, simulator=sim, kernel=kern)
+        out = ValidateResult(match=ok, scope=scope, notes=notes, rows=rows, simulator=sim, kernel=kern)
         sys.stdout.write(json.dumps(out) + "\n")
     else:
         w = max([len(r["name"]) for r in rows] + [len("figure")])
-        lines = [f"{'figure':<{w}}  {'simulator':>12}  {'kernel':>12}  result"]
-        lines += [f"{r['name']:<{w}}  {r['simulator']:>12}  {r['kernel']:>12}  {'MATCH' if r['match'] else 'DIFF'}"
-                  for r in rows]
+        lines = [f"{'figure':<{w}}  {'simulator':>12}  {'kernel':>12}  {'scope':<8}  result"]
+        for r in rows:
+            res = ("MATCH" if r["match"] else "DIFF") if r["decides"] else ("same" if r["match"] else "differs")
+            lines.append(f"{r['name']:<{w}}  {r['simulator']:>12}  {r['kernel']:>12}  {r['scope']:<8}  {res}")
+        lines += [f"note: {n}" for n in notes]
         lines.append(f"kernel {kern['kernel']}, policy {cfg.policy}: {'all match' if ok else 'DIFFERENT'}")
         sys.stdout.write("\n".join(lines) + "\n")
     return 0 if ok else 1
@@ -377,13 +548,15 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         description="Simulate the Linux 6.18 anonymous page-fault path with large folios (mTHP).",
-        epilog="Bad input exits with status 2 and one line on stderr.",
+        epilog="Bad input exits with status 2 and one line on stderr. Documentation (in the repository): "
+               "docs/cli.md (every command and option), docs/trace-format.md, docs/json.md, docs/workloads.md.",
     )
     p.add_argument("--version", action="version", version=f"anonfolio {_anonfolio.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
 
-    r = sub.add_parser("replay", help="replay a trace (interface.md format)",
-                       description="Replay a trace: one operation a line (mmap, munmap, madvise, w, r, @T).")
+    r = sub.add_parser("replay", help="replay a trace file",
+                       description="Replay a trace: one operation a line (mmap, munmap, madvise, w, r, @T; the "
+                                   "format is docs/trace-format.md, the JSON docs/json.md).")
     r.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")
     add_config_options(r)
     r.add_argument("--threads", type=_count(1, 1024), default=1, metavar="N",
@@ -394,16 +567,24 @@ def build_parser() -> ArgumentParser:
     r.set_defaults(func=cmd_replay)
 
     w = sub.add_parser("run", help="run a built-in workload",
-                       description="Map one private anonymous VMA (MADV_HUGEPAGE) and write to it "
-                                   "in the workload's order.")
+                       description="Map one private anonymous VMA (advised MADV_HUGEPAGE unless --advice says "
+                                   "otherwise; page_fault1 unadvised) and write to it in the workload's order. "
+                                   "The workloads are described in docs/workloads.md, every option in docs/cli.md.")
     w.add_argument("--workload", choices=WORKLOADS, default="sequential", metavar="W",
                    help="sequential (default), reverse, stride, random, sparse or page_fault1")
     w.add_argument("--size", type=_bytes, metavar="BYTES",
-                   help=f"bytes to map: 4096, 64K, 64KiB, 2M, 1G, 1T (default {DEFAULT_RUN_SIZE})")
-    w.add_argument("--stride", type=_count(1), metavar="PAGES", help="stride workload: pages between touches")
-    w.add_argument("--fraction", type=_fraction, metavar="F", help="sparse/random: fraction of pages touched")
-    w.add_argument("--seed", type=_count(0), metavar="S", help="seed of random and sparse orders")
-    w.add_argument("--iterations", type=_count(1), metavar="N", help="page_fault1: map-touch-unmap loops")
+                   help=f"bytes to map: 4096, 64K, 64KiB, 2M, 1G, 1g, 1GB, 1T, all powers of 1024 "
+                   f"(default {DEFAULT_RUN_SIZE}; page_fault1: {PAGE_FAULT1_SIZE} per thread)")
+    w.add_argument("--stride", type=_count(1), metavar="PAGES",
+                   help="stride workload: touch every PAGES-th page (default 1)")
+    w.add_argument("--fraction", type=_fraction, metavar="F",
+                   help="fraction of pages touched: random (default 1), sparse (default 0.1)")
+    w.add_argument("--seed", type=_count(0), metavar="S", help="seed of the random and sparse orders (default 0)")
+    w.add_argument("--iterations", type=_count(1), metavar="N",
+                   help="page_fault1: map-touch-unmap loops per thread (default 1)")
+    w.add_argument("--advice", choices=ADVICE, metavar="ADVICE",
+                   help="madvise of the VMA: hugepage (MADV_HUGEPAGE, the default), nohugepage or none; "
+                   "page_fault1 defaults to none, as will-it-scale maps it")
     w.add_argument("--threads", type=_count(1, 1024), default=1, metavar="N", help="threads (default 1)")
     w.add_argument("--sharing", choices=SHARING, default="disjoint", metavar="HOW",
                    help="disjoint (default: a slice each) or interleaved (turns page by page)")
@@ -464,7 +645,8 @@ def build_parser() -> ArgumentParser:
     rp.add_argument("--jobs", type=_count(1, 64), metavar="N",
                     help="deterministic runs at once (results do not depend on it; default: host CPUs, at most 4)")
     rp.add_argument("--no-plots", action="store_true", help="no PNGs")
-    rp.add_argument("--quiet", action="store_true", help="no progress on stderr; print the path of results.md")
+    rp.add_argument("--quiet", action="store_true",
+                    help="no progress (bars, shown on a terminal, and notes) on stderr; print the path of results.md")
     rp.set_defaults(func=cmd_race_policies)
 
     sc = esub.add_parser(
@@ -485,7 +667,9 @@ def build_parser() -> ArgumentParser:
     sc.add_argument("--repeat", type=_count(1, 100), default=3, metavar="N", help="runs per point (default 3)")
     sc.add_argument("--out", metavar="DIR", help="also write scaling.csv, scaling.md and scaling.png here")
     sc.add_argument("--no-plots", action="store_true", help="no PNG")
-    add_config_options(sc)
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
+    add_config_options(sc, knob_defaults="enabled=madvise, 16kB, 64kB and 256kB always, 2048kB never, "
+                       "the other sizes never")
     sc.set_defaults(func=cmd_scaling)
     e.set_defaults(func=lambda a: _missing(e, "experiment"))
 
@@ -508,13 +692,103 @@ def build_parser() -> ArgumentParser:
     )
     v.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")
     add_config_options(v, preempt=False, machine=False)
+    v.add_argument("--system-counters", action="store_true",
+                   help="let the system-wide hugepages-*/stats counters decide too (only on a quiet machine: "
+                   "other processes' faults count there)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=cmd_validate)
+
+    rep = sub.add_parser(
+        "report",
+        help="one trace under a grid of THP settings, as a web page with tables and plots",
+        description="Replays TRACE under a grid of settings and writes DIR/index.html (tables of every figure, "
+                    "plots of faults, resident memory and its growth over order 0, folios by size, fallbacks) and "
+                    "DIR/report.csv. Default grid: order 0 only; each mTHP size alone; every mTHP size; 2048kB "
+                    "alone; every size with 2048kB (each named size always). With --thp/--thp-enabled options the "
+                    "grid is every combination of their comma-separated values, e.g. --thp 64kB=always,never "
+                    "--policy upstream,v1. See docs/report.md.",
+    )
+    rep.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")
+    rep.add_argument("--out", required=True, metavar="DIR", help="folder to write index.html and report.csv into")
+    _add_grid_options(rep)
+    rep.add_argument("--threads", type=_count(1, 1024), default=1, metavar="N", help="threads (default 1)")
+    rep.add_argument("--deterministic", type=_count(0), metavar="SEED",
+                     help="a deterministic interleaving of the threads, seeded")
+    rep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rep.set_defaults(func=cmd_report)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="a workload or a trace under every combination of settings, to CSV or Parquet",
+        description="Runs every combination of the comma-separated values of the options below (e.g. --thp "
+                    "64kB=always,never --policy upstream,v1 --size 64M,256M) and writes one row a run: the "
+                    "settings, then every figure as a flat column (mthp.64kB.anon_fault_alloc, ...; docs/json.md). "
+                    "CSV on standard output unless --out names a .csv or .parquet file. See docs/cli.md.",
+    )
+    src = sw.add_mutually_exclusive_group()
+    src.add_argument("--workload", type=_words_of(WORKLOADS), default=["sequential"], metavar="W,...",
+                     help="built-in workloads (default sequential)")
+    src.add_argument("--trace", metavar="TRACE", help="replay this trace instead of a workload")
+    sw.add_argument("--size", type=_list_of(_bytes), metavar="BYTES,...", help="sizes (default 1G)")
+    sw.add_argument("--threads", type=_list_of(_count(1, 1024)), metavar="N,...", help="threads (default 1)")
+    sw.add_argument("--advice", type=_words_of(ADVICE), metavar="A,...",
+                    help="hugepage, nohugepage, none (default: the workload's own)")
+    sw.add_argument("--sharing", type=_words_of(SHARING), metavar="HOW,...", help="disjoint (default), interleaved")
+    sw.add_argument("--stride", type=_list_of(_count(1)), metavar="PAGES,...", help="stride workload (default 1)")
+    sw.add_argument("--fraction", type=_list_of(_fraction), metavar="F,...",
+                    help="random (default 1), sparse (default 0.1)")
+    sw.add_argument("--seed", type=_list_of(_count(0)), metavar="S,...", help="random and sparse (default 0)")
+    sw.add_argument("--iterations", type=_list_of(_count(1)), metavar="N,...", help="page_fault1 (default 1)")
+    sw.add_argument("--deterministic", type=_count(0), metavar="SEED", help="deterministic interleaving seed")
+    _add_grid_options(sw)
+    sw.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.parquet instead of CSV on stdout")
+    sw.add_argument("--executor", metavar="HOW",
+                    help="serial (default), processes (a local process pool), or dask:ADDRESS (a Dask "
+                    "distributed scheduler, e.g. dask:tcp://10.0.0.1:8786)")
+    sw.add_argument("--jobs", type=_count(1, 1024), metavar="N", help="processes for --executor processes")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
 
     from .record import add_subcommands as add_record
 
     add_record(sub)
     return p
+
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    """The THP knobs and policy with comma-separated values (a grid), and
+    the simulated machine's options (one value each)."""
+    g = p.add_argument_group("grid of settings (comma-separated values: every combination runs)")
+    g.add_argument("--thp-enabled", metavar="MODE,...", help="transparent_hugepage/enabled values (default madvise)")
+    g.add_argument("--thp", action="append", default=[], metavar="SIZE=MODE,...",
+                   help="hugepages-SIZE/enabled values, e.g. 64kB=always,never; repeatable; sizes not named keep "
+                   f"their defaults ({KERNEL_DEFAULT_KNOBS})")
+    g.add_argument("--policy", metavar="P,...", help="upstream (default), v1, preferred")
+    add_config_options(p, policy=False, preempt=False, machine=True, knob_defaults=KERNEL_DEFAULT_KNOBS,
+                       knobs=False)
+
+
+def _list_of(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def f(text: str) -> list[Any]:
+        vals = [parse(x) for x in text.split(",") if x]
+        if not vals:
+            raise argparse.ArgumentTypeError(f"no value in {text!r}")
+        return vals
+
+    return f
+
+
+def _words_of(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def f(text: str) -> list[str]:
+        vals = [x for x in text.split(",") if x]
+        for v in vals:
+            if v not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {v!r} (want {', '.join(allowed)})")
+        if not vals:
+            raise argparse.ArgumentTypeError(f"no value in {text!r}")
+        return vals
+
+    return f
 
 
 def _missing(p: argparse.ArgumentParser, what: str) -> int:

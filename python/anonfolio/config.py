@@ -47,7 +47,9 @@ class Config:
         hugepages: ``hugepages-<size>/enabled`` for the sizes to change, e.g.
             ``{"64kB": "always"}``; sizes may be spelt ``"64K"`` or ``"2M"``. Sizes
             not named keep this kernel's default: ``2048kB`` ``inherit``, every
-            other ``never``. The stored mapping is read-only and names every size.
+            other ``never``. The stored mapping is read-only and names every size
+            (``8kB`` too, always ``never``: the kernel has no anonymous knob for
+            order 1, so asking for it is a ConfigError).
         use_zero_page: ``transparent_hugepage/use_zero_page``: read faults that
             could get a PMD THP map the huge zero page instead (order-0 read
             faults always map the shared zero page).
@@ -91,6 +93,12 @@ class Config:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if fields["hugepages"] is not None and not isinstance(fields["hugepages"], Mapping):
             raise _anonfolio.ConfigError("hugepages: expected a mapping like {'64kB': 'always'}")
+        for size, mode in (fields["hugepages"] or {}).items():
+            if mode != "never" and _is_order_1(size):
+                raise _anonfolio.ConfigError(
+                    f"hugepages: {size} has no anonymous-memory knob (order 1 is never used for anon; "
+                    "hugepages-8kB exists for files only); sizes: 16kB, 32kB, ..., 2048kB"
+                )
         if isinstance(fields["fail_orders"], Iterable) and not isinstance(fields["fail_orders"], (str, bytes)):
             fields["fail_orders"] = list(fields["fail_orders"])
         norm: Mapping[str, Any] = _anonfolio.normalize_config(fields)
@@ -281,6 +289,13 @@ def _selected(text: str) -> str:
     if "[" in text and "]" in text:
         return text[text.index("[") + 1 : text.index("]")]
     return text
+
+
+def _is_order_1(size: object) -> bool:
+    try:
+        return isinstance(size, str) and _anonfolio.parse_thp_size(size) == 1
+    except _anonfolio.AnonfolioError:
+        return False  # not a size at all: the native check words that error
 
 
 def _from_fields(d: Mapping[str, Any]) -> Config:

@@ -14,9 +14,11 @@ call what is here:
 - :func:`compare` lines a simulator result up with a kernel one, figure by
   figure, as ``validate`` prints them.
 
-The per-size counters the kernel reports are system-wide: run the oracle on
-a quiet machine, and prefer ``madvise`` knobs with ``hugepage`` mappings so
-that no other process is affected while a trace runs.
+The per-size counters the kernel reports are system-wide; the folios the
+trace's own memory holds at the end come from the replaying process's pagemap and
+``/proc/kpageflags`` (``folio_orders``), which no other process can change,
+and those are what :func:`compare` lets decide. Prefer ``madvise`` knobs with
+``hugepage`` mappings so that no other process is affected while a trace runs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "can_change_thp",
     "kernel_replay",
     "compare",
+    "verdict",
 ]
 
 THP_DIR = Path("/sys/kernel/mm/transparent_hugepage")
@@ -275,23 +278,64 @@ def kernel_replay(
 # The comparison
 
 
-def compare(sim: Mapping[str, Any], kern: Mapping[str, Any]) -> list[ValidateRow]:
-    """Rows (name, simulator, kernel, match) for faults, rss_bytes and, for
-    every size either side reports, the :data:`COMPARED_COUNTERS` that are
-    not zero on both. ``sim`` is the simulator's JSON (``replay --json``),
-    ``kern`` what :func:`kernel_replay` returned; a figure missing from
-    either counts as 0."""
+def compare(
+    sim: Mapping[str, Any], kern: Mapping[str, Any], *, system_counters: bool = False
+) -> list[ValidateRow]:
+    """Rows (name, simulator, kernel, match, scope, decides) that line the
+    simulator's JSON (``replay --json``) up with what :func:`kernel_replay`
+    returned; a figure missing from either counts as 0.
+
+    Process-local rows, which no other process can move: ``faults``,
+    ``rss_bytes`` and, for every size above order 1 either side has, the
+    folios of that size mapped at the end (``SIZE folios``: the simulator's
+    ``nr_anon`` against the kernel's count from the replaying process's pagemap,
+    ``folio_orders``). System-wide rows: the :data:`COMPARED_COUNTERS` of
+    ``hugepages-*/stats`` that are not zero on both, which other processes
+    faulting large folios at the same time also move.
+
+    The process-local rows decide; the system-wide ones decide too when the
+    kernel gave no ``folio_orders`` (pagemap unreadable) or when
+    ``system_counters`` asks for them (a quiet machine)."""
     rows: list[ValidateRow] = []
+    local = kern.get("folio_orders") is not None
     for key in ("faults", "rss_bytes"):
         s, k = int(sim.get(key, 0)), int(kern.get(key, 0))
-        rows.append(ValidateRow(name=key, simulator=s, kernel=k, match=s == k))
+        rows.append(ValidateRow(name=key, simulator=s, kernel=k, match=s == k, scope="process", decides=True))
     smthp: Mapping[str, Mapping[str, int]] = sim.get("mthp") or {}
     kmthp: Mapping[str, Mapping[str, int]] = kern.get("mthp") or {}
+    if local:
+        orders: list[int] = list(kern["folio_orders"])
+        sizes = {_anonfolio.size_name(o) for o in range(2, len(orders)) if orders[o]} | {
+            sz for sz, c in smthp.items() if c.get("nr_anon", 0)
+        }
+        for size in sorted(sizes, key=_anonfolio.parse_thp_size):
+            order = _anonfolio.parse_thp_size(size)
+            s = int((smthp.get(size) or {}).get("nr_anon", 0))
+            k = int(orders[order]) if order < len(orders) else 0
+            rows.append(ValidateRow(name=f"{size} folios", simulator=s, kernel=k, match=s == k,
+                                    scope="process", decides=True))
     for size in sorted(set(smthp) | set(kmthp), key=_anonfolio.parse_thp_size):
         sc, kc = smthp.get(size) or {}, kmthp.get(size) or {}
         for c in COMPARED_COUNTERS:
             s, k = int(sc.get(c, 0)), int(kc.get(c, 0))
             if s == 0 and k == 0:
                 continue
-            rows.append(ValidateRow(name=f"{size} {c}", simulator=s, kernel=k, match=s == k))
+            rows.append(ValidateRow(name=f"{size} {c}", simulator=s, kernel=k, match=s == k,
+                                    scope="system", decides=system_counters or not local))
     return rows
+
+
+def verdict(rows: list[ValidateRow]) -> tuple[bool, list[str]]:
+    """Whether every deciding row matched, and the notes a reader should
+    see about the rows that did not decide."""
+    ok = all(r["match"] for r in rows if r["decides"])
+    notes = []
+    off = [r["name"] for r in rows if not r["decides"] and not r["match"]]
+    if off:
+        notes.append(
+            f"system-wide counters differ ({', '.join(off)}): other processes' faults count there too; "
+            "the verdict rests on the replaying process's own figures (faults, smaps, pagemap)"
+        )
+    if any(r["decides"] and r["scope"] == "system" for r in rows):
+        notes.append("the per-size counters compared are system-wide: other processes' faults count there too")
+    return ok, notes

@@ -136,6 +136,8 @@ class StatsDict(TypedDict):
 
     faults: int
     rss_bytes: int
+    #: The most resident anonymous bytes at any point (``mm->hiwater_rss``).
+    rss_peak_bytes: int
     elapsed_s: float
     #: Sizes (``"64kB"``) with a non-zero counter.
     mthp: dict[str, MthpCounters]
@@ -187,14 +189,11 @@ class ConfigDict(TypedDict):
     check_invariants: bool
 
 
-class ConfigJson(TypedDict):
-    """``config`` in the JSON of ``replay``, ``run`` and ``validate``: the knobs
-    and the policy the simulator ran with."""
-
-    enabled: str
-    hugepages: dict[str, str]
-    policy: str
-    use_zero_page: bool
+class ConfigJson(ConfigDict):
+    """``config`` in the JSON of ``replay``, ``run``, ``sweep`` and
+    ``validate``: every field of the :class:`~anonfolio.config.Config` the
+    simulator ran with (knobs, policy, memory, memcg limit, fragmentation,
+    failure injection), so that ``Config(**j["config"])`` re-creates it."""
 
 
 class KernelRun(TypedDict):
@@ -216,6 +215,11 @@ class KernelRun(TypedDict):
     kernel: str
     #: The harness's faults, subtracted from ``faults``.
     harness_faults: int
+    #: This process's own folios in the trace's memory at the end, by order
+    #: (index 0 = order 0), read from its pagemap and ``/proc/kpageflags`` as
+    #: ``tools/mm/thpmaps`` does: no other process changes them. None where
+    #: those files cannot be read (not root).
+    folio_orders: Optional[list[int]]
 
 
 class KernelReplay(KernelRun):
@@ -232,12 +236,25 @@ class ValidateRow(TypedDict):
     simulator: int
     kernel: int
     match: bool
+    #: ``"process"``: the kernel's figure is this process's own (minor
+    #: faults, smaps, pagemap); ``"system"``: a system-wide counter delta,
+    #: which other processes faulting at the same time also move.
+    scope: str
+    #: Whether the row decides ``validate``'s verdict.
+    decides: bool
 
 
 class ValidateResult(TypedDict):
     """``anonfolio validate --json``."""
 
+    #: Every deciding row matched.
     match: bool
+    #: Where the per-size figures that decide come from: ``"process"``
+    #: (pagemap) or ``"system"`` (the system-wide counters, when pagemap
+    #: could not be read or ``--system-counters`` asked for them).
+    scope: str
+    #: Lines a reader should see (e.g. system-wide counters that differ).
+    notes: list[str]
     rows: list[ValidateRow]
     #: ``anonfolio replay --json`` of the same trace and knobs.
     simulator: dict[str, object]

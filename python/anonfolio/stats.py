@@ -1,7 +1,7 @@
 """Statistics of a run, under the kernel's names.
 
-:class:`Stats` wraps the dict the native module returns (the keys of the JSON
-contract in ``interface.md`` plus a few more) with attribute access::
+:class:`Stats` wraps the dict the native module returns (the keys of the
+JSON output, every one explained in docs/json.md) with attribute access::
 
     s.faults, s.rss_bytes, s.elapsed_s
     s.mthp["64kB"].anon_fault_alloc        # hugepages-64kB/stats/anon_fault_alloc
@@ -196,6 +196,12 @@ class Stats(_ReadOnlyView):
         return self.rss_bytes // _anonfolio.PAGE_SIZE
 
     @property
+    def rss_peak_bytes(self) -> int:
+        """The most resident anonymous bytes at any point of the run
+        (``mm->hiwater_rss``, as VmHWM reports it)."""
+        return int(self._d["rss_peak_bytes"])
+
+    @property
     def elapsed_s(self) -> float:
         """Wall seconds spent simulating (not parsing or start-up)."""
         return float(self._d.get("elapsed_s", 0.0))
@@ -258,11 +264,15 @@ class Stats(_ReadOnlyView):
         rss = self.rss_bytes
         lines.append(f"{'faults':<30}{self.faults:>16,}")
         lines.append(f"{'rss':<30}{format_bytes(rss):>16}  ({rss:,} bytes)")
+        if "rss_peak_bytes" in self._d:
+            peak = self.rss_peak_bytes
+            lines.append(f"{'rss peak':<30}{format_bytes(peak):>16}  ({peak:,} bytes)")
         if "ops" in self._d:
             lines.append(f"{'operations':<30}{int(self._d['ops']):>16,}")
-        lines.append(f"{'elapsed':<30}{self.elapsed_s:>16.6f} s")
+        # Wall time and speed are the simulator's own, not figures of the kernel being modelled.
+        lines.append(f"{'elapsed (simulator)':<30}{self.elapsed_s:>16.6f} s")
         if self.faults and self.elapsed_s > 0:
-            lines.append(f"{'fault rate':<30}{self.faults / self.elapsed_s:>16,.0f} faults/s")
+            lines.append(f"{'simulator speed':<30}{self.faults / self.elapsed_s:>16,.0f} faults/s simulated")
         lines.append("")
         short = {
             "anon_fault_alloc": "alloc",
@@ -281,7 +291,7 @@ class Stats(_ReadOnlyView):
         fo = self.folio_orders
         if fo.any():
             lines.append("")
-            lines.append("folios mapped by size")
+            lines.append("folios mapped by size (cumulative: over the whole run)")
             for order, n in enumerate(fo):
                 if n:
                     lines.append(f"  {_anonfolio.size_name(order):<28}{int(n):>16,}")

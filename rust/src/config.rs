@@ -132,20 +132,26 @@ pub fn size_name(order: usize) -> String {
     format!("{}kB", (1u64 << (order as u32 + PAGE_SHIFT)) >> 10)
 }
 
+/// How byte counts may be written, for error messages.
+pub const BYTES_SUFFIXES: &str =
+    "a number with an optional suffix K, KB, KiB, M, MB, MiB, G, GB, GiB, T, TB or TiB, in any case; all powers of 1024";
+
 /// Parses a byte count: a plain number or one with a binary suffix
-/// (`64K`, `64KiB`, `2M`, `2MiB`, `1G`, `1T`, also `kB`).
+/// (`64K`, `64KiB`, `2M`, `2MiB`, `1G`, `1g`, `1GB`, `1T`, also `kB`).
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit() && c != 'x' && c != 'X').unwrap_or(t.len());
     let (n, suf) = if t.starts_with("0x") || t.starts_with("0X") { (t, "") } else { t.split_at(split) };
     let base = crate::trace::parse_number(n).ok_or_else(|| Error::Config(format!("malformed size {s:?}")))?;
-    let shift = match suf {
-        "" | "B" => 0,
-        "K" | "k" | "KiB" | "kB" | "KB" => 10,
-        "M" | "MiB" | "MB" => 20,
-        "G" | "GiB" | "GB" => 30,
-        "T" | "TiB" | "TB" => 40,
-        _ => return Err(Error::Config(format!("malformed size {s:?} (suffixes: K, KiB, M, MiB, G, GiB, T, TiB)"))),
+    // Every suffix is a power of 1024 (as sysfs's "kB" is), in any case, so
+    // that "1g", "1G", "1GB" and "1GiB" are all the same and none surprises.
+    let shift = match suf.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(Error::Config(format!("malformed size {s:?} ({BYTES_SUFFIXES})"))),
     };
     base.checked_mul(1u64 << shift).ok_or_else(|| Error::Config(format!("size {s:?} is too large")))
 }
@@ -296,6 +302,12 @@ mod tests {
         assert_eq!(parse_bytes("1T").unwrap(), 1 << 40);
         assert_eq!(parse_bytes("4096").unwrap(), 4096);
         assert!(parse_bytes("12Q").is_err());
+        // Every spelling of a suffix is the same power of 1024.
+        for t in ["1G", "1g", "1GB", "1gb", "1GiB", "1gib"] {
+            assert_eq!(parse_bytes(t).unwrap(), 1 << 30, "{t}");
+        }
+        let e = parse_bytes("1Gi").unwrap_err().to_string();
+        assert!(e.contains("GiB") && e.contains("any case"), "{e}");
         assert_eq!(size_name(4), "64kB");
     }
 

@@ -7,12 +7,12 @@ running kernel does with each of them.
     sudo python tests/kernel_cases/record.py --only NAME [NAME ...]
 
 Every case is a trace (``NAME.trace``, generated here from Python, plus the
-seven shared kernel examples copied in) and its THP settings. Each is
+seven hand-written ``example-*`` traces kept in this folder) and its THP settings. Each is
 replayed with :func:`anonfolio.kernel.kernel_replay`, which sets the sysfs
 knobs and always restores what it found. The per-size counters are
 system-wide, so each case runs until two runs agree (at most ``--runs``
-times) and the most common result is kept. ``expected.json`` has the shape of
-``/work/shared/kernel-examples/expected.json``: per case ``name``, ``trace``,
+times) and the most common result is kept. ``expected.json`` holds, per
+case, ``name``, ``trace``,
 ``args`` (command-line options for ``anonfolio replay`` that express the same
 settings) and ``kernel`` {``faults``, ``rss_bytes``, ``mthp`` {size:
 {counter: delta}}} (sizes whose counters did not change are left out), plus
@@ -36,7 +36,7 @@ ROOT = HERE.parent.parent
 if str(ROOT / "python") not in sys.path:
     sys.path.append(str(ROOT / "python"))  # a checkout without an installed package
 
-SHARED = Path("/work/shared/kernel-examples")
+EXAMPLE_PREFIX = "example-"
 
 K = 1 << 10
 M = 1 << 20
@@ -1383,13 +1383,17 @@ def settings_of(args, defaults=None):
     return top, settings
 
 
-def shared_cases():
+def example_cases():
+    """The hand-written ``example-*`` traces of this folder, under the
+    settings their entries in ``expected.json`` already name."""
     out = []
-    ex = json.loads((SHARED / "expected.json").read_text())
+    ex = json.loads((HERE / "expected.json").read_text())
     for e in ex["examples"]:
+        if not e["name"].startswith(EXAMPLE_PREFIX):
+            continue
         top, settings = settings_of(e["args"])
         out.append({"name": e["name"], "top": top, "settings": settings, "extra8": None,
-                    "copy": SHARED / e["trace"], "description": "shared kernel example"})
+                    "copy": HERE / e["trace"], "description": e.get("description", "hand-written example")})
     return out
 
 
@@ -1411,9 +1415,10 @@ def regression_cases():
 
 
 def args_for(c) -> list:
+    # No 8kB option: the kernel has no anonymous knob for order 1, and the
+    # command line refuses one. A case's extra8 is what its trace was
+    # written to show: that asking for 8kB could not make order 1 appear.
     args = ["--thp-enabled", c["top"]]
-    if c.get("extra8"):
-        args += ["--thp", f"8kB={c['extra8']}"]
     for s in SIZES:
         args += ["--thp", f"{s}={c['settings'][s]}"]
     return args
@@ -1446,8 +1451,6 @@ def record_one(c, text, runs):
     from anonfolio.kernel import kernel_replay
 
     thp = dict(c["settings"])
-    if c.get("extra8"):
-        thp["8kB"] = c["extra8"]
     noisy = _noisy(c)
     seen = collections.Counter()
     last = {}
@@ -1496,7 +1499,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group", help="only the cases of this group (e.g. ops7: expected-ops7.json)")
     opts = ap.parse_args(argv)
 
-    cases = shared_cases() + regression_cases()
+    cases = example_cases() + regression_cases()
     for c in CASES:
         t = c["make"]()
         cases.append({**c, "text": t.text(), "description": t.lines[0][2:] if t.lines else ""})
@@ -1522,7 +1525,8 @@ def main(argv=None) -> int:
     for c in cases:
         path = HERE / f"{c['name']}.trace"
         if "copy" in c:
-            shutil.copyfile(c["copy"], path)
+            if Path(c["copy"]).resolve() != path.resolve():
+                shutil.copyfile(c["copy"], path)
             c["text"] = path.read_text()
         else:
             path.write_text(c["text"])

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import plot
-from ..api import Simulator
+from ..api import Simulator, progress_bar
 from ..config import POLICIES, Config
 from ..stats import format_bytes
 from ._findings import findings
@@ -77,6 +77,7 @@ def race_policies(
     plots: bool = True,
     jobs: Optional[int] = None,
     log: Optional[TextIO] = None,
+    progress: Optional[bool] = None,
 ) -> RacePoliciesResult:
     """Runs the race-policies experiment and writes its files into ``out``.
 
@@ -85,7 +86,9 @@ def race_policies(
     interleaving and the failure injection). ``free_size``/``free_threads``/
     ``free_repeat``: the free-running pass (``free_size=None`` or
     ``free_repeat=0`` skips it). ``jobs``: deterministic runs at once (their
-    results do not depend on it; default: the host's CPUs, at most 4)."""
+    results do not depend on it; default: the host's CPUs, at most 4).
+    ``progress``: a progress bar per pass on standard error (None: when it
+    is a terminal)."""
     out = os.fspath(out)
     base = config or RACE_POLICIES_CONFIG
     for m in memory:
@@ -124,8 +127,13 @@ def race_policies(
         return run_row(pt, seed, nbytes, s)
 
     nj = jobs or min(4, os.cpu_count() or 1)
+    bar = progress_bar(len(jobs_det), progress=progress, desc="race-policies: deterministic")
+    rows = []
     with ThreadPoolExecutor(max_workers=max(1, nj)) as ex:
-        rows = list(ex.map(run_det, jobs_det))
+        for row in ex.map(run_det, jobs_det):
+            rows.append(row)
+            bar.update(1)
+    bar.close()
     t_det = time.perf_counter() - t0
     if log is not None:
         log.write(f"race-policies: deterministic pass: {len(rows)} runs over {format_bytes(nbytes)} "
@@ -135,6 +143,8 @@ def race_policies(
     free_bytes = byte_count(free_size) if free_size is not None else 0
     t1 = time.perf_counter()
     if free_bytes and free_repeat > 0 and free_threads:
+        nfree = free_repeat * len(memory) * len(sharing) * len(policies) * len(free_threads) * len(on_race)
+        fbar = progress_bar(nfree, progress=progress, desc="race-policies: free-running")
         for k in range(free_repeat):  # repeats outermost: drifts in the host spread over every point
             for mem in memory:
                 for sh in sharing:
@@ -146,6 +156,8 @@ def race_policies(
                                 s = Simulator(cfg_for(pol, orr, mem, first_seed + k)).run(
                                     workload, free_bytes, threads=nt, sharing=sh)
                                 rows.append(run_row(fpt, first_seed + k, free_bytes, s))
+                                fbar.update(1)
+        fbar.close()
         if log is not None:
             log.write(f"race-policies: free-running pass: {free_repeat} repeat(s) over "
                       f"{format_bytes(free_bytes)} in {time.perf_counter() - t1:.1f} s\n")

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional, TextIO, TypedDict, Union
 
 from .. import plot
-from ..api import Simulator
+from ..api import Simulator, progress_bar
 from ..config import Config
 from ..stats import format_bytes
 from ._grid import RACE_POLICIES_CONFIG
@@ -89,6 +89,7 @@ def scaling(
     out: Union[str, os.PathLike[str], None] = None,
     plots: bool = True,
     log: Optional[TextIO] = None,
+    progress: Optional[bool] = None,
 ) -> ScalingResult:
     """Pages touched per second with 1, 2, 4 ... free-running host threads,
     the linear reference (1-thread rate x N) and the efficiency.
@@ -102,6 +103,7 @@ def scaling(
     nbytes = byte_count(size if size is not None else ("128M" if workload == "page_fault1" else "1G"))
     threads = sorted({int(t) for t in threads})
     runs: list[ScalingRun] = []
+    bar = progress_bar(repeat * len(threads), progress=progress, desc="scaling")
     for rep in range(repeat):
         for nt in threads:
             kw: dict[str, Any] = dict(threads=nt)
@@ -114,6 +116,8 @@ def scaling(
                                    ops_per_s=round(ops / s.elapsed_s) if s.elapsed_s > 0 else 0,
                                    mmap_contended=s.locks.mmap_lock.contended, ptl_contended=s.locks.ptl.contended,
                                    zone_contended=s.locks.zone_lock.contended))
+            bar.update(1)
+    bar.close()
     meds: list[ScalingMedian] = []
     for nt in threads:
         grp: list[Mapping[str, Any]] = [r for r in runs if r["threads"] == nt]

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import bisect
 import resource
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, TextIO, Tuple
+from typing import Callable, NamedTuple, Optional, TextIO
 
 from .procfs import PAGE, Vma
 
@@ -73,7 +74,7 @@ class Attrs(NamedTuple):
     dontfork: bool = False
     thp: str = ""  # "" | hugepage | nohugepage
 
-    def key(self) -> Tuple[object, ...]:
+    def key(self) -> tuple[object, ...]:
         """What the kernel's VMA flags show of it (``MAP_STACK`` is
         ``VM_NOHUGEPAGE`` in the kernel, so ``stack`` is not compared)."""
         if not self.anon:
@@ -111,9 +112,9 @@ class Space:
     """Sorted, non-overlapping [start, end) ranges with attributes."""
 
     def __init__(self) -> None:
-        self.starts: List[int] = []
-        self.ends: List[int] = []
-        self.attrs: List[Attrs] = []
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.attrs: list[Attrs] = []
 
     def find(self, addr: int) -> Optional[int]:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -121,7 +122,7 @@ class Space:
             return i
         return None
 
-    def runs(self, lo: int, hi: int) -> List[Tuple[int, int, Attrs]]:
+    def runs(self, lo: int, hi: int) -> list[tuple[int, int, Attrs]]:
         """The mapped pieces of [lo, hi), clipped, in address order."""
         out = []
         i = max(bisect.bisect_right(self.starts, lo) - 1, 0)
@@ -140,7 +141,7 @@ class Space:
             pos = e
         return pos == hi
 
-    def _rebuild(self, lo: int, hi: int, pieces: Iterable[Tuple[int, int, Attrs]]) -> None:
+    def _rebuild(self, lo: int, hi: int, pieces: Iterable[tuple[int, int, Attrs]]) -> None:
         """Replaces everything overlapping [lo, hi) by what lies outside it plus
         ``pieces`` (inside it), merging equal neighbours."""
         i = max(bisect.bisect_right(self.starts, lo) - 1, 0)
@@ -149,7 +150,7 @@ class Space:
             j += 1
         while i < j and self.ends[i] <= lo:
             i += 1
-        new: List[Tuple[int, int, Attrs]] = []
+        new: list[tuple[int, int, Attrs]] = []
         if i < j and self.starts[i] < lo:
             new.append((self.starts[i], lo, self.attrs[i]))
         new.extend(p for p in pieces if p[0] < p[1])
@@ -162,7 +163,7 @@ class Space:
         if j < len(self.starts):
             new.append((self.starts[j], self.ends[j], self.attrs[j]))
             j += 1
-        merged: List[Tuple[int, int, Attrs]] = []
+        merged: list[tuple[int, int, Attrs]] = []
         for s, e, a in sorted(new):
             if merged and merged[-1][1] == s and merged[-1][2] == a:
                 merged[-1] = (merged[-1][0], e, a)
@@ -181,8 +182,8 @@ class Space:
     def update(self, lo: int, hi: int, fn: Callable[[Attrs], Attrs]) -> None:
         self._rebuild(lo, hi, [(s, e, fn(a)) for s, e, a in self.runs(lo, hi)])
 
-    def coalesced(self) -> List[Tuple[int, int, Tuple[object, ...]]]:
-        out: List[Tuple[int, int, Tuple[object, ...]]] = []
+    def coalesced(self) -> list[tuple[int, int, tuple[object, ...]]]:
+        out: list[tuple[int, int, tuple[object, ...]]] = []
         for s, e, a in zip(self.starts, self.ends, self.attrs):
             k = a.key()
             if out and out[-1][1] == s and out[-1][2] == k:
@@ -192,7 +193,7 @@ class Space:
         return out
 
 
-def coalesce_vmas(vmas: List[Vma]) -> List[Tuple[int, int, Tuple[object, ...]]]:
+def coalesce_vmas(vmas: list[Vma]) -> list[tuple[int, int, tuple[object, ...]]]:
     sp = Space()
     for v in vmas:
         sp.set(v.start, v.end, attrs_of_vma(v))
@@ -210,8 +211,8 @@ class Snapshot:
     kind: str  # "exec" | "fork" | "exit"
     tid: int
     tgid: int
-    vmas: List[Vma]
-    pages: Dict[int, str]
+    vmas: list[Vma]
+    pages: dict[int, str]
     start_brk: int = 0
 
 
@@ -226,7 +227,7 @@ class Mm:
         self.out = out
         self.name = name  # for messages: the trace file
         self.space = Space()
-        self.pages: Dict[int, str] = {}
+        self.pages: dict[int, str] = {}
         self.start_brk = 0
         self.brk = 0
         self.threads = 0  # thread numbers given so far
@@ -254,7 +255,7 @@ class Mm:
         self.start_brk = snap.start_brk
         self.brk = brk if brk is not None and brk >= snap.start_brk else snap.start_brk
         heap_lo, heap_hi = self.start_brk, page_up(self.brk)
-        later_prot: List[Tuple[int, int, str]] = []
+        later_prot: list[tuple[int, int, str]] = []
         self.out.write(f"# {snap.kind} of pid {snap.tgid}: the address space as the kernel gave it\n")
         for v in snap.vmas:
             a = attrs_of_vma(v)
@@ -383,8 +384,8 @@ class Mm:
         self._drop_pages(lo, hi)
 
     @staticmethod
-    def _contiguous(runs: List[Tuple[int, int, Attrs]], anon_only: bool = False) -> List[Tuple[int, int]]:
-        out: List[Tuple[int, int]] = []
+    def _contiguous(runs: list[tuple[int, int, Attrs]], anon_only: bool = False) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
         for s, e, a in runs:
             if anon_only and not a.anon:
                 continue
@@ -525,7 +526,10 @@ class Mm:
             m = mine[k] if k < len(mine) else None
             r = theirs[k] if k < len(theirs) else None
             if m != r:
-                return f"VMAs differ from /proc/{snap.tgid}/maps at exit: the trace has {_range(m)}, the kernel {_range(r)}"
+                return (
+                    f"VMAs differ from /proc/{snap.tgid}/maps at exit: "
+                    f"the trace has {_range(m)}, the kernel {_range(r)}"
+                )
         absent = sorted(p for p in snap.pages if p not in self.pages)
         if absent:
             return (
@@ -545,14 +549,15 @@ class Mm:
         return None
 
 
-def _range(r: Optional[Tuple[int, int, Tuple[object, ...]]]) -> str:
+def _range(r: Optional[tuple[int, int, tuple[object, ...]]]) -> str:
     if r is None:
         return "nothing more"
     s, e, k = r
     if not k[0]:
         return f"{s:#x}-{e:#x} (not anonymous)"
     _, prot, gd, nr, dc, thp = k
-    extra = "".join(f" {w}" for w, on in (("growsdown", gd), ("noreserve", nr), ("dontfork", dc), (str(thp), bool(thp))) if on)
+    flags = (("growsdown", gd), ("noreserve", nr), ("dontfork", dc), (str(thp), bool(thp)))
+    extra = "".join(f" {w}" for w, on in flags if on)
     return f"{s:#x}-{e:#x} anonymous {prot}{extra}"
 
 

@@ -4,11 +4,12 @@ of those are the shared zero page, and where its heap starts (``stat``)."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 PAGE = 4096
 #: x86-64 TASK_SIZE_MAX with 4-level tables: [vsyscall] lies above it.
@@ -29,7 +30,7 @@ class Vma:
     perms: str  # "rw-p"
     inode: int
     name: str
-    flags: Tuple[str, ...]  # VmFlags mnemonics: "rd", "wr", "gd", "nr", "dc", "hg", "nh", ...
+    flags: tuple[str, ...]  # VmFlags mnemonics: "rd", "wr", "gd", "nr", "dc", "hg", "nh", ...
 
     @property
     def anon(self) -> bool:
@@ -38,13 +39,13 @@ class Vma:
         return self.name in _ANON_NAMES or self.name.startswith("[anon:")
 
 
-def read_smaps(pid: int, tid: Optional[int] = None) -> List[Vma]:
+def read_smaps(pid: int, tid: Optional[int] = None) -> list[Vma]:
     """The VMAs below TASK_SIZE of task ``tid`` of ``pid`` (the task's own view
     works when the thread-group leader has already gone)."""
     path = f"/proc/{pid}/task/{tid}/smaps" if tid else f"/proc/{pid}/smaps"
     with open(path) as f:
         text = f.read()
-    vmas: List[Vma] = []
+    vmas: list[Vma] = []
     cur: Optional[Vma] = None
     for line in text.splitlines():
         head = line.split(None, 5)
@@ -58,11 +59,11 @@ def read_smaps(pid: int, tid: Optional[int] = None) -> List[Vma]:
     return vmas
 
 
-def read_pagemap(pid: int, start: int, end: int, tid: Optional[int] = None) -> List[int]:
+def read_pagemap(pid: int, start: int, end: int, tid: Optional[int] = None) -> list[int]:
     """The pagemap entries (one u64 per page) of [start, end)."""
     path = f"/proc/{pid}/task/{tid}/pagemap" if tid else f"/proc/{pid}/pagemap"
     n = (end - start) // PAGE
-    out: List[int] = []
+    out: list[int] = []
     with open(path, "rb", buffering=0) as f:
         f.seek(start // PAGE * 8)
         while len(out) < n:
@@ -74,10 +75,10 @@ def read_pagemap(pid: int, start: int, end: int, tid: Optional[int] = None) -> L
     return out
 
 
-def present_pages(pid: int, vmas: List[Vma], zero_pfn: int, tid: Optional[int] = None) -> Dict[int, str]:
+def present_pages(pid: int, vmas: list[Vma], zero_pfn: int, tid: Optional[int] = None) -> dict[int, str]:
     """Present pages of the anonymous VMAs: page address -> ``"r"`` when it
     maps the shared zero page (only read so far), ``"w"`` otherwise."""
-    out: Dict[int, str] = {}
+    out: dict[int, str] = {}
     for v in vmas:
         if not v.anon:
             continue
@@ -103,10 +104,8 @@ def zero_pfn() -> int:
             raise PermissionError("pagemap shows no frame numbers (recording needs root)")
         return e & PM_PFN_MASK
     finally:
-        try:
+        with contextlib.suppress(BufferError):
             m.close()
-        except BufferError:
-            pass
 
 
 def start_brk(pid: int) -> int:
@@ -117,7 +116,7 @@ def start_brk(pid: int) -> int:
     return int(rest[47 - 3])
 
 
-def task_flags(pid: int, tid: int) -> Tuple[int, bool]:
+def task_flags(pid: int, tid: int) -> tuple[int, bool]:
     """(``task->flags``, SIGKILL pending) of a task, or (-1, True) when it is gone."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat") as f:

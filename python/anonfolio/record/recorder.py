@@ -19,9 +19,10 @@ import signal
 import struct
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Optional, TextIO
 
 from . import procfs
 from .model import Mm, RecordError, Snapshot
@@ -31,7 +32,9 @@ from .tracer import Tracer, child_setup
 #: The memory system calls whose effects a trace carries.
 SYSCALLS = ("mmap", "munmap", "mprotect", "pkey_mprotect", "mremap", "madvise", "brk", "mlock", "mlock2")
 FAULTS = ("exceptions/page_fault_user", "exceptions/page_fault_kernel")
-EVENTS = FAULTS + tuple(f"syscalls/sys_{d}_{s}" for s in SYSCALLS for d in ("enter", "exit")) + ("sched/sched_process_fork",)
+EVENTS = (
+    FAULTS + tuple(f"syscalls/sys_{d}_{s}" for s in SYSCALLS for d in ("enter", "exit")) + ("sched/sched_process_fork",)
+)
 MARKER = "ftrace/print"
 MARK = "anonfolio-record "
 #: Per-CPU ring buffer: large enough that the readers (which copy pages out
@@ -44,7 +47,7 @@ _PID = struct.Struct("<4xi")
 @dataclass
 class Result:
     status: int  # the command's exit status (128+N when signal N killed it)
-    traces: Dict[int, Path] = field(default_factory=dict)  # tgid -> trace file
+    traces: dict[int, Path] = field(default_factory=dict)  # tgid -> trace file
     events: int = 0
     lines: int = 0
     error: Optional[str] = None
@@ -102,8 +105,8 @@ def record(command: Sequence[str], out: Path, buffer_kb: int = DEFAULT_BUFFER_KB
             inst.close()
 
 
-def _record(inst: Instance, exe: str, command: List[str], out: Path, zero: int, tmp: Path) -> Result:
-    formats = inst.formats(EVENTS + (MARKER,))
+def _record(inst: Instance, exe: str, command: list[str], out: Path, zero: int, tmp: Path) -> Result:
+    formats = inst.formats((*EVENTS, MARKER))
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # the child: becomes COMMAND
@@ -111,12 +114,12 @@ def _record(inst: Instance, exe: str, command: List[str], out: Path, zero: int, 
         try:
             child_setup()
             os.execv(exe, command)
-        except BaseException as e:  # noqa: BLE001 - anything that stops the exec is reported
+        except BaseException as e:
             msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             os.write(wfd, msg.encode()[:512])
         os._exit(127)
     os.close(wfd)
-    snaps: Dict[int, Snapshot] = {}
+    snaps: dict[int, Snapshot] = {}
 
     def on_snapshot(s: Snapshot) -> None:
         key = len(snaps)
@@ -173,17 +176,17 @@ class _Task:
 
 
 def _process(
-    formats: Dict[int, EventFormat],
-    paths: List[Path],
+    formats: dict[int, EventFormat],
+    paths: list[Path],
     page_size: int,
-    snaps: Dict[int, Snapshot],
+    snaps: dict[int, Snapshot],
     tracer: Tracer,
     out: Path,
     root: int,
     res: Result,
 ) -> None:
     """Replays the event stream into one Mm a process; writes the traces."""
-    kinds: Dict[int, Tuple[str, str, struct.Struct]] = {}
+    kinds: dict[int, tuple[str, str, struct.Struct]] = {}
     for eid, f in formats.items():
         if f.system == "exceptions":
             kinds[eid] = ("fault", "", f.getter("address", "error_code"))
@@ -196,11 +199,11 @@ def _process(
             kinds[eid] = ("fork", "", f.getter("parent_pid", "child_pid"))
         elif f.name == "print":
             kinds[eid] = ("print", "", struct.Struct("<"))
-    tasks: Dict[int, _Task] = {}
-    pending: Dict[int, Tuple[str, Tuple[int, ...]]] = {}
-    fork_brk: Dict[int, int] = {}
-    files: Dict[int, TextIO] = {}
-    done: set = set()
+    tasks: dict[int, _Task] = {}
+    pending: dict[int, tuple[str, tuple[int, ...]]] = {}
+    fork_brk: dict[int, int] = {}
+    files: dict[int, TextIO] = {}
+    done: set[int] = set()
     task_size = procfs.TASK_SIZE
 
     def open_mm(tgid: int) -> Mm:
@@ -208,7 +211,7 @@ def _process(
         old = files.pop(tgid, None)
         if old is not None:
             old.close()  # execve: the trace starts afresh with the new image
-        f = open(path, "w")
+        f = open(path, "w")  # noqa: SIM115 (kept open across events; closed below)
         files[tgid] = f
         res.traces[tgid] = path
         return Mm(f, str(path))
@@ -270,7 +273,7 @@ def _process(
             fh.close()
 
 
-def _syscall(task: _Task, name: str, args: Tuple[int, ...], ret: int) -> None:
+def _syscall(task: _Task, name: str, args: tuple[int, ...], ret: int) -> None:
     mm, t = task.mm, task.t
     if name == "mmap":
         addr, length, prot, flags, _fd, _off = args

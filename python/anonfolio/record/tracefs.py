@@ -21,6 +21,7 @@ the kernel flagged with missed events.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import os
@@ -29,9 +30,10 @@ import select
 import struct
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Optional
 
 TRACEFS = Path("/sys/kernel/tracing")
 
@@ -66,7 +68,7 @@ class EventFormat:
     system: str
     name: str
     id: int
-    fields: Dict[str, Field]
+    fields: dict[str, Field]
 
     def getter(self, *names: str) -> struct.Struct:
         """A struct reading ``names`` (contiguous or not) from the record: the
@@ -84,14 +86,16 @@ class EventFormat:
         return struct.Struct("".join(fmt))
 
 
-_FIELD_RE = re.compile(r"field:(?P<decl>[^;]*);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);\s*signed:(?P<signed>-?\d+);")
+_FIELD_RE = re.compile(
+    r"field:(?P<decl>[^;]*);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);\s*signed:(?P<signed>-?\d+);"
+)
 
 
 def parse_format(system: str, name: str, text: str) -> EventFormat:
     m = re.search(r"^ID:\s*(\d+)", text, re.M)
     if not m:
         raise TracefsError(f"{system}/{name}: no ID in its format file")
-    fields: Dict[str, Field] = {}
+    fields: dict[str, Field] = {}
     for fm in _FIELD_RE.finditer(text):
         decl = fm.group("decl").strip()
         fname = re.sub(r"\[.*\]$", "", decl.split()[-1])
@@ -116,10 +120,10 @@ class Instance:
             raise TracefsError(f"tracefs instance {self.dir} already exists (another recording?)") from None
         except PermissionError:
             raise TracefsError(f"cannot create {self.dir}: recording needs root") from None
-        self.enabled: List[EventFormat] = []
-        self._readers: List[threading.Thread] = []
+        self.enabled: list[EventFormat] = []
+        self._readers: list[threading.Thread] = []
         self._stop = threading.Event()
-        self._errors: List[str] = []
+        self._errors: list[str] = []
         self.missed_pages = 0
         self.ncpu = len(list((self.dir / "per_cpu").glob("cpu*")))
         # trace_pipe_raw hands out whole sub-buffers (one page unless set otherwise)
@@ -140,7 +144,7 @@ class Instance:
         except OSError as e:
             raise TracefsError(f"cannot write {value!r} to {self.dir / rel}: {e.strerror}") from None
 
-    def formats(self, events: Sequence[str]) -> Dict[int, EventFormat]:
+    def formats(self, events: Sequence[str]) -> dict[int, EventFormat]:
         out = {}
         for ev in events:
             system, name = ev.split("/")
@@ -175,7 +179,7 @@ class Instance:
                     raise TracefsError(f"cannot write a marker into {self.dir}: {e.strerror}") from None
                 time.sleep(0.001)
 
-    def start_readers(self, outdir: Path) -> List[Path]:
+    def start_readers(self, outdir: Path) -> list[Path]:
         paths = []
         for cpu in range(self.ncpu):
             p = outdir / f"cpu{cpu}.raw"
@@ -220,7 +224,7 @@ class Instance:
         for t in self._readers:
             t.join()
 
-    def losses(self) -> List[str]:
+    def losses(self) -> list[str]:
         """What the tracing dropped, one string a CPU; empty when nothing was."""
         out = list(self._errors)
         for cpu in range(self.ncpu):
@@ -241,10 +245,8 @@ class Instance:
             self._write("set_event_pid", "")
         except TracefsError:
             pass
-        try:
+        with contextlib.suppress(OSError):
             self.dir.rmdir()
-        except OSError:
-            pass
 
 
 INSTANCE_PREFIX = "anonfolio-record-"
@@ -276,7 +278,7 @@ class MissedEvents(Exception):
     """A page says the ring buffer lost events before it."""
 
 
-def _page_events(buf: bytes, page_size: int, cpu: int) -> Iterator[Tuple[int, int, int, bytes]]:
+def _page_events(buf: bytes, page_size: int, cpu: int) -> Iterator[tuple[int, int, int, bytes]]:
     """Yields (timestamp, cpu, event type id, record) from one CPU's raw pages,
     in that CPU's order; raises :class:`MissedEvents` on a page flagged lost."""
     for base in range(0, len(buf) - _PAGE_HDR.size + 1, page_size):
@@ -317,7 +319,7 @@ def _page_events(buf: bytes, page_size: int, cpu: int) -> Iterator[Tuple[int, in
             yield ts, cpu, etype, data
 
 
-def _cpu_stream(path: Path, page_size: int, cpu: int) -> Iterator[Tuple[int, int, int, bytes]]:
+def _cpu_stream(path: Path, page_size: int, cpu: int) -> Iterator[tuple[int, int, int, bytes]]:
     f: BinaryIO
     with open(path, "rb") as f:
         while True:
@@ -327,7 +329,7 @@ def _cpu_stream(path: Path, page_size: int, cpu: int) -> Iterator[Tuple[int, int
             yield from _page_events(chunk, page_size, cpu)
 
 
-def read_events(paths: Sequence[Path], page_size: Optional[int] = None) -> Iterator[Tuple[int, int, int, bytes]]:
+def read_events(paths: Sequence[Path], page_size: Optional[int] = None) -> Iterator[tuple[int, int, int, bytes]]:
     """All CPUs' events merged in timestamp (counter) order."""
     ps = page_size or os.sysconf("SC_PAGE_SIZE")
     streams = [_cpu_stream(p, ps, cpu) for cpu, p in enumerate(paths)]

@@ -10,11 +10,12 @@ stream processing knows exactly which events came before the snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Optional
 
 from . import procfs
 from .model import Snapshot
@@ -61,7 +62,7 @@ def event_msg(pid: int) -> int:
 
 def same_mm(a: int, b: int) -> bool:
     """kcmp(KCMP_VM): do tasks a and b share one mm?"""
-    return _libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0
+    return bool(_libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0)
 
 
 def child_setup() -> None:
@@ -95,8 +96,8 @@ class Group:
     """The live tasks sharing one mm, as ptrace sees them."""
 
     gid: int
-    tasks: Set[int] = field(default_factory=set)
-    exit_stopped: Set[int] = field(default_factory=set)
+    tasks: set[int] = field(default_factory=set)
+    exit_stopped: set[int] = field(default_factory=set)
     checked: bool = False
     traced: bool = True  # False for the image before the command's execve
 
@@ -113,14 +114,14 @@ class Tracer:
         self.root = root
         self.zero_pfn = zero_pfn
         self.on_snapshot = on_snapshot
-        self.groups: Dict[int, Group] = {}
-        self.group_of: Dict[int, int] = {}
-        self.shares: Dict[int, bool] = {}  # new task -> runs in its creator's mm
-        self.known: Set[int] = set()
+        self.groups: dict[int, Group] = {}
+        self.group_of: dict[int, int] = {}
+        self.shares: dict[int, bool] = {}  # new task -> runs in its creator's mm
+        self.known: set[int] = set()
         self.root_status: Optional[int] = None
-        self.unchecked: List[int] = []
+        self.unchecked: list[int] = []
         self._next_gid = 0
-        self.errors: List[str] = []
+        self.errors: list[str] = []
 
     def _new_group(self, tid: int, traced: bool = True) -> Group:
         self._next_gid += 1
@@ -164,10 +165,9 @@ class Tracer:
         self._new_group(self.root, traced=False)
 
     def cont(self, tid: int, sig: int = 0) -> None:
-        try:
+        # The task may have died meanwhile (SIGKILL): its exit is reported by wait.
+        with contextlib.suppress(OSError):
             _ptrace(PTRACE_CONT, tid, 0, sig)
-        except OSError:
-            pass  # the task died meanwhile (SIGKILL): its exit is reported by wait
 
     def run(self) -> None:
         self.cont(self.root)

@@ -93,6 +93,10 @@
 //!   the same time show up here.
 //! - `vmstat`: deltas of `/proc/vmstat` THP counters (also system-wide).
 //! - `elapsed_s`: wall seconds of the loop.
+//! - `folio_orders`: the child's own folios inside the reservation by
+//!   order, read from its pagemap and `/proc/kpageflags` after the loop,
+//!   while it is stopped, before anything is unmapped ([`folios_by_order`]);
+//!   not system-wide.
 //!
 //! The loop itself does not allocate: operations are translated into a
 //! flat array before the fork, and what the child reports is written into
@@ -196,6 +200,11 @@ pub struct KernelRun {
     pub kernel_release: String,
     /// The harness overhead subtracted from `faults`.
     pub harness_faults: u64,
+    /// Folios of the replaying process inside the reservation at the end, by
+    /// order (index 0 = order 0), from its own page table ([`folios_by_order`]);
+    /// None when its `/proc/PID/pagemap` or `/proc/kpageflags` cannot be read.
+    /// Unlike `mthp`, no other process can change these.
+    pub folio_orders: Option<Vec<u64>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -970,6 +979,90 @@ fn smaps_rss(pid: libc::pid_t, lo: u64, hi: u64) -> Result<(u64, u64)> {
     Ok((rss, huge))
 }
 
+/// The anonymous folios mapped in `[lo, hi)` of process `pid`, counted by
+/// order, the way the kernel's `tools/mm/thpmaps` reads them (this function
+/// has no kernel counterpart): each present page's PFN from
+/// `/proc/PID/pagemap`, its flags from `/proc/kpageflags`; a page with
+/// `KPF_COMPOUND_TAIL` belongs to the nearest `KPF_COMPOUND_HEAD` below it,
+/// and a head's order is log2 of 1 + the tails after it. Each folio counts
+/// once, even if only some of its pages are still mapped; zero pages
+/// (`KPF_ZERO_PAGE`, the huge one too) do not count. Needs CAP_SYS_ADMIN
+/// (without it pagemap hides the PFNs, which is reported as an error).
+pub fn folios_by_order(pid: libc::pid_t, lo: u64, hi: u64) -> Result<Vec<u64>> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::FileExt;
+    const PM_PRESENT: u64 = 1 << 63;
+    const PM_PFN_MASK: u64 = (1 << 55) - 1;
+    const KPF_COMPOUND_HEAD: u64 = 1 << 15;
+    const KPF_COMPOUND_TAIL: u64 = 1 << 16;
+    const KPF_ZERO_PAGE: u64 = 1 << 24;
+    const MAX_FOLIO: u64 = 512;
+    let open = |path: &str| std::fs::File::open(path).map_err(|e| Error::Oracle(format!("cannot read {path}: {e}")));
+    let pagemap_path = format!("/proc/{pid}/pagemap");
+    let (pagemap, kpageflags) = (open(&pagemap_path)?, open("/proc/kpageflags")?);
+    let words = |f: &std::fs::File, index: u64, n: usize, what: &str| -> Result<Vec<u64>> {
+        let mut buf = vec![0u8; n * 8];
+        let got = f.read_at(&mut buf, index * 8).map_err(|e| Error::Oracle(format!("cannot read {what}: {e}")))?;
+        Ok(buf[..got - got % 8].chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().unwrap())).collect())
+    };
+    let flags = |pfn: u64| -> Result<u64> {
+        words(&kpageflags, pfn, 1, "/proc/kpageflags")?
+            .first()
+            .copied()
+            .ok_or_else(|| Error::Oracle(format!("/proc/kpageflags has no PFN {pfn:#x}")))
+    };
+    let mut heads: HashMap<u64, usize> = HashMap::new();
+    let mut vpn = lo / PAGE;
+    while vpn < hi / PAGE {
+        let n = (hi / PAGE - vpn).min(MAX_FOLIO) as usize;
+        let entries = words(&pagemap, vpn, n, &pagemap_path)?;
+        if entries.is_empty() {
+            break;
+        }
+        vpn += entries.len() as u64;
+        for e in entries {
+            if e & PM_PRESENT == 0 {
+                continue;
+            }
+            let pfn = e & PM_PFN_MASK;
+            if pfn == 0 {
+                return Err(Error::Oracle(format!("{pagemap_path} hides PFNs (needs CAP_SYS_ADMIN)")));
+            }
+            let f = flags(pfn)?;
+            if f & KPF_ZERO_PAGE != 0 {
+                continue;
+            }
+            let head = if f & KPF_COMPOUND_TAIL != 0 {
+                // The head is within the 511 PFNs below (no anon folio is larger than a PMD).
+                let from = pfn.saturating_sub(MAX_FOLIO - 1);
+                let below = words(&kpageflags, from, (pfn - from) as usize, "/proc/kpageflags")?;
+                match below.iter().rposition(|&b| b & KPF_COMPOUND_HEAD != 0) {
+                    Some(i) => from + i as u64,
+                    None => return Err(Error::Oracle(format!("PFN {pfn:#x} is a tail without a head"))),
+                }
+            } else {
+                pfn
+            };
+            if heads.contains_key(&head) {
+                continue;
+            }
+            let order = if head != pfn || f & KPF_COMPOUND_HEAD != 0 {
+                let after = words(&kpageflags, head + 1, MAX_FOLIO as usize - 1, "/proc/kpageflags")?;
+                let tails = after.iter().take_while(|&&b| b & KPF_COMPOUND_TAIL != 0).count() as u64;
+                (tails + 1).trailing_zeros() as usize
+            } else {
+                0
+            };
+            heads.insert(head, order);
+        }
+    }
+    let mut out = vec![0u64; 11];
+    for order in heads.into_values() {
+        out[order.min(10)] += 1;
+    }
+    Ok(out)
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     // SAFETY: utsname is plain old data, for which all-zero bytes are valid.
@@ -1319,11 +1412,12 @@ pub fn kernel_replay_inspect<T>(ops: &[Op], inspect: impl FnOnce(&Stopped) -> Re
     let (lo, hi) = (res.lo, res.lo + res.len);
     let (base, alo) = (res.base, res.alo);
     let (end, s0, s1) = run_in_child(&warm, &raw, &mut probe, needs_uffd, |pid| {
-        Ok((smaps_rss(pid, lo, hi)?, inspect(&Stopped { pid, base, alo })?))
+        let seen = (smaps_rss(pid, lo, hi)?, folios_by_order(pid, lo, hi).ok());
+        Ok((seen, inspect(&Stopped { pid, base, alo })?))
     })?;
     drop(warm_res);
     drop(res);
-    let (faults, harness, elapsed_s, err, ((rss_bytes, anon_huge_bytes), seen)) = match end {
+    let (faults, harness, elapsed_s, err, (((rss_bytes, anon_huge_bytes), folio_orders), seen)) = match end {
         ChildEnd::Ran { faults, harness, elapsed, err, seen } => (faults, harness, elapsed, err, seen),
         ChildEnd::Signal { line, sig } => {
             let (addr, write) = ops
@@ -1356,6 +1450,7 @@ pub fn kernel_replay_inspect<T>(ops: &[Op], inspect: impl FnOnce(&Stopped) -> Re
         vmstat,
         kernel_release: release,
         harness_faults: harness,
+        folio_orders,
     };
     Ok((run, seen))
 }

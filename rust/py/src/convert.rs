@@ -35,9 +35,9 @@ pub fn bytes_arg(py: Python<'_>, what: &str, v: &Bound<'_, PyAny>) -> PyResult<u
     }
     if let Ok(s) = v.downcast::<PyString>() {
         let s = s.to_cow()?;
-        return config::parse_bytes(&s).py_err(py).map_err(|_| {
-            config_err(py, format!("{what}: malformed byte count {s:?} (suffixes: K, KiB, M, MiB, G, GiB, T, TiB)"))
-        });
+        return config::parse_bytes(&s)
+            .py_err(py)
+            .map_err(|_| config_err(py, format!("{what}: malformed byte count {s:?} ({})", config::BYTES_SUFFIXES)));
     }
     if v.is_instance_of::<PyInt>() || v.hasattr("__index__")? {
         return v.extract::<u64>().map_err(|_| {

@@ -9,11 +9,13 @@ use crate::errors::{guard, new_err, to_pyerr, Kind};
 
 /// kernel_replay(trace_text: str) -> dict
 ///
-/// Replays a trace on the running Linux kernel, in this process, with the THP
+/// Replays a trace on the running Linux kernel, in a child process, with the THP
 /// settings sysfs holds now, and returns what the kernel reported:
 /// `faults`, `rss_bytes`, `anon_huge_bytes`, `elapsed_s`,
 /// `mthp` ({size: {counter: delta}}), `vmstat` ({name: delta}), `kernel`
-/// (the release) and `harness_faults` (the overhead subtracted from faults).
+/// (the release), `harness_faults` (the overhead subtracted from faults) and
+/// `folio_orders` (the replaying process's folios in the trace's memory at
+/// the end, by order, from its pagemap; None where that cannot be read).
 /// A trace that does not parse raises ValueError (TraceError/RangeError)
 /// naming the line, and so does a VMA operation the kernel refused (RangeError,
 /// errno named); an access the kernel answers with SIGSEGV raises
@@ -50,6 +52,7 @@ fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'p
     d.set_item("vmstat", vm)?;
     d.set_item("kernel", &run.kernel_release)?;
     d.set_item("harness_faults", run.harness_faults)?;
+    d.set_item("folio_orders", run.folio_orders.clone())?;
     Ok(d)
 }
 

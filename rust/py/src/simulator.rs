@@ -190,7 +190,7 @@ impl Simulator {
         }
     }
 
-    /// Replays a trace (the text, in the format of interface.md).
+    /// Replays a trace (the text, in the format of docs/trace-format.md).
     #[pyo3(signature = (trace, *, threads = 1, deterministic = None, check_invariants = None))]
     fn replay<'py>(
         &self,
@@ -222,7 +222,8 @@ impl Simulator {
     /// Runs a built-in workload over a fresh VMA of `size` bytes.
     #[pyo3(signature = (
         workload = None, size = None, *, stride = None, fraction = None, seed = None,
-        threads = 1, sharing = None, iterations = None, deterministic = None, check_invariants = None
+        threads = 1, sharing = None, iterations = None, deterministic = None, check_invariants = None,
+        advice = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
@@ -238,11 +239,13 @@ impl Simulator {
         iterations: Option<u64>,
         deterministic: Option<u64>,
         check_invariants: Option<bool>,
+        advice: Option<String>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let threads = threads_arg(py, threads)?;
         let kind = WorkloadKind::parse(workload.as_deref().unwrap_or("sequential")).py_err(py)?;
         let sharing = Sharing::parse(sharing.as_deref().unwrap_or("disjoint")).py_err(py)?;
-        let mut w = Workload { kind, sharing, ..Workload::default() };
+        let advice = advice.as_deref().map(anonfolio::workload::WorkloadAdvice::parse).transpose().py_err(py)?;
+        let mut w = Workload { kind, sharing, advice, ..Workload::default() };
         if let Some(s) = size {
             w.size = bytes_arg(py, "size", s)?;
         }

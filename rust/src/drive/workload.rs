@@ -75,6 +75,43 @@ impl Sharing {
     }
 }
 
+/// The advice the workload's VMA gets right after its mmap (`madvise(2)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadAdvice {
+    /// `MADV_HUGEPAGE`: sizes at `madvise` (and `inherit` under a top-level
+    /// `madvise`) are allowed.
+    Hugepage,
+    /// `MADV_NOHUGEPAGE`: no large folio at all.
+    NoHugepage,
+    /// No madvise: only sizes at `always` (or `inherit` under `always`).
+    None,
+}
+
+impl WorkloadAdvice {
+    pub fn parse(s: &str) -> Result<WorkloadAdvice> {
+        match s {
+            "hugepage" => Ok(WorkloadAdvice::Hugepage),
+            "nohugepage" => Ok(WorkloadAdvice::NoHugepage),
+            "none" => Ok(WorkloadAdvice::None),
+            _ => Err(Error::Config(format!("unknown advice {s:?} (want hugepage, nohugepage or none)"))),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadAdvice::Hugepage => "hugepage",
+            WorkloadAdvice::NoHugepage => "nohugepage",
+            WorkloadAdvice::None => "none",
+        }
+    }
+    fn flags(self) -> MmapFlags {
+        MmapFlags {
+            hugepage: self == WorkloadAdvice::Hugepage,
+            nohugepage: self == WorkloadAdvice::NoHugepage,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Workload {
     pub kind: WorkloadKind,
@@ -88,6 +125,8 @@ pub struct Workload {
     /// page_fault1 rounds.
     pub iterations: u64,
     pub sharing: Sharing,
+    /// The VMA's advice; None is the workload's own ([`Workload::advice`]).
+    pub advice: Option<WorkloadAdvice>,
 }
 
 impl Default for Workload {
@@ -100,6 +139,7 @@ impl Default for Workload {
             seed: 0,
             iterations: 1,
             sharing: Sharing::Disjoint,
+            advice: None,
         }
     }
 }
@@ -157,6 +197,15 @@ fn mix(mut x: u64) -> u64 {
 }
 
 impl Workload {
+    /// The advice the VMA gets: the one asked for, else MADV_HUGEPAGE, except
+    /// page_fault1, which will-it-scale maps without advice.
+    pub fn advice(&self) -> WorkloadAdvice {
+        self.advice.unwrap_or(match self.kind {
+            WorkloadKind::PageFault1 => WorkloadAdvice::None,
+            _ => WorkloadAdvice::Hugepage,
+        })
+    }
+
     fn check(&self) -> Result<()> {
         if self.size == 0 || !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Config(format!("size {} is not a positive multiple of 4096", self.size)));
@@ -256,7 +305,7 @@ fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>
         // Each task maps its own region, as will-it-scale's processes/threads do.
         let base = WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE);
         for _ in 0..w.iterations.max(1) {
-            mm.mmap(cpu, base, w.size, MmapFlags { hugepage: true, ..Default::default() }).map_err(|e| (done, e))?;
+            mm.mmap(cpu, base, w.size, w.advice().flags()).map_err(|e| (done, e))?;
             let r = touch_pages(mm, cpu, (0..w.size / PAGE_SIZE).map(|p| base + p * PAGE_SIZE), true);
             done += r.map_err(|(n, e)| (done + n, e))?;
             mm.munmap(cpu, base, w.size).map_err(|e| (done, e))?;
@@ -297,12 +346,12 @@ fn touch_pages(mm: &Mm, cpu: &mut Cpu, addrs: impl Iterator<Item = u64>, switch_
     Ok(done)
 }
 
-/// Maps the workload's VMA (advised with MADV_HUGEPAGE).
+/// Maps the workload's VMA, with its advice ([`Workload::advice`]).
 pub fn map_workload(mm: &Mm, cpu: &mut Cpu, w: &Workload) -> Result<()> {
     if w.kind == WorkloadKind::PageFault1 {
         return Ok(());
     }
-    mm.mmap(cpu, WORKLOAD_BASE, w.size, MmapFlags { hugepage: true, ..Default::default() })
+    mm.mmap(cpu, WORKLOAD_BASE, w.size, w.advice().flags())
 }
 
 pub(crate) fn run_parallel_workload(
@@ -357,6 +406,23 @@ mod tests {
         let r = run(c(), &pf1, 2, None);
         assert_eq!(r.stats.faults(), 2 * 3 * 256);
         assert_eq!(r.stats.rss_pages, 0);
+    }
+
+    #[test]
+    fn advice_decides_which_sizes_the_vma_gets() {
+        // Kernel defaults: enabled=madvise, 2048kB=inherit; 64kB=always on top.
+        let c = || cfg(Policy::Upstream, &["64kB=always"]);
+        let mk = |kind, advice| Workload { kind, size: 4 << 20, advice, ..Default::default() };
+        let hp = run(c(), &mk(WorkloadKind::Sequential, None), 1, None).stats;
+        assert_eq!(hp.faults(), 2, "advised: two PMD THPs");
+        let none = run(c(), &mk(WorkloadKind::Sequential, Some(WorkloadAdvice::None)), 1, None).stats;
+        assert_eq!(none.faults(), 64, "unadvised: 64kB folios only");
+        let no = run(c(), &mk(WorkloadKind::Sequential, Some(WorkloadAdvice::NoHugepage)), 1, None).stats;
+        assert_eq!(no.faults(), 1024, "MADV_NOHUGEPAGE: order 0 only");
+        // page_fault1 is unadvised by default, as will-it-scale maps it.
+        let pf1 = Workload { kind: WorkloadKind::PageFault1, size: 4 << 20, ..Default::default() };
+        assert_eq!(pf1.advice(), WorkloadAdvice::None);
+        assert_eq!(run(c(), &pf1, 1, None).stats.faults(), 64);
     }
 
     #[test]

@@ -99,8 +99,9 @@ impl MmInner {
             if pmd.load(Acquire) != 0 {
                 return Ok(Some(Fault::NotMapped));
             }
-            // mm_get_huge_zero_folio(): the first user allocates it.
-            if !self.huge_zero_used.swap(true, Relaxed) {
+            // mm_get_huge_zero_folio(): the first user allocates it (a load
+            // first, so later faults do not write the shared line).
+            if !self.huge_zero_used.load(Relaxed) && !self.huge_zero_used.swap(true, Relaxed) {
                 cpu.c().vm.thp_zero_page_alloc.inc();
             }
             pmd.store(HUGE_ZERO_PMD, Release);

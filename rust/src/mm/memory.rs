@@ -44,7 +44,7 @@ impl MmInner {
     /// lock for read.
     #[inline(always)]
     pub fn access_locked(&self, g: &MmapReadGuard<'_>, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
-        assert!(std::ptr::eq(g.lock(), &self.mmap_lock), "a read guard of another mm");
+        assert!(std::ptr::eq(g.lock(), &*self.mmap_lock), "a read guard of another mm");
         let mut tries = 0u32;
         loop {
             let walked = self.pt.pmd_offset(addr);

@@ -173,7 +173,8 @@ pub struct MmInner {
     pub pt: PageTable,
     pub alloc: PageAlloc,
     pub memcg: MemCg,
-    pub(crate) mmap_lock: MmapLock,
+    /// On cache lines of its own: every fault reads its writer word.
+    pub(crate) mmap_lock: CachePadded<MmapLock>,
     /// Live CPUs, whose reader words a writer waits for.
     cpus: Mutex<Vec<Arc<CachePadded<PerCpu>>>>,
     /// The figures of CPUs that are gone; written with `cpus` held.
@@ -181,7 +182,7 @@ pub struct MmInner {
     next_anon_vma: AtomicU64,
     pub huge_zero_used: AtomicBool,
     /// `mm->hiwater_rss`, in pages.
-    hiwater_rss: AtomicU64,
+    hiwater_rss: CachePadded<AtomicU64>,
 }
 
 /// The simulated process's mm. Cheap to clone; every clone is the same mm.
@@ -217,12 +218,12 @@ impl Mm {
                 pt: PageTable::default(),
                 alloc,
                 memcg,
-                mmap_lock: MmapLock::default(),
+                mmap_lock: CachePadded::new(MmapLock::default()),
                 cpus: Mutex::new(Vec::new()),
                 retired: CachePadded::new(PerCpu::default()),
                 next_anon_vma: AtomicU64::new(1),
                 huge_zero_used: AtomicBool::new(false),
-                hiwater_rss: AtomicU64::new(0),
+                hiwater_rss: CachePadded::new(AtomicU64::new(0)),
                 on_race: cfg.on_race(),
                 debug_vm,
                 cfg,

@@ -262,10 +262,12 @@ pub struct PageTable {
     pgd: Box<Table>,
     arena: PteArena,
     pub page_table_lock: CachePadded<SpinLock>,
-    /// `mm->pgtables_bytes / PAGE_SIZE` for PTE tables (`nr_ptes`).
-    pub nr_ptes: std::sync::atomic::AtomicU64,
+    /// `mm->pgtables_bytes / PAGE_SIZE` for PTE tables (`nr_ptes`). The
+    /// counters have cache lines of their own: table installs write them,
+    /// while every walk reads `pgd`.
+    pub nr_ptes: CachePadded<std::sync::atomic::AtomicU64>,
     /// Upper-level and PMD tables.
-    pub nr_dirs: std::sync::atomic::AtomicU64,
+    pub nr_dirs: CachePadded<std::sync::atomic::AtomicU64>,
 }
 
 // SAFETY: the raw pointers (in entries, as integers, and in the arena) name
