@@ -276,11 +276,11 @@ def test_kernel_replay_reports_what_the_kernel_refuses_with_the_line():
     import anonfolio
     from anonfolio.kernel import kernel_replay
 
-    with pytest.raises(anonfolio.SegmentationFault, match="line 3: .*read-only") as e:
+    with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*read-only") as e:
         kernel_replay("mmap 0x400000 0x4000\nmprotect 0x400000 0x1000 r\nw 0x400010\n")
     assert (e.value.line, e.value.address) == (3, 0x400010)
     stack = "mmap 0x7f0000000000 0x1000\nmmap 0x7f0000080000 0x4000 growsdown\nw 0x7f000007f000\n"
-    with pytest.raises(anonfolio.SegmentationFault, match="line 3: .*SIGSEGV") as e:
+    with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*SIGSEGV") as e:
         kernel_replay(stack)
     assert e.value.address == 0x7F000007F000
     with pytest.raises(anonfolio.RangeError, match="line 2: mremap refused by the kernel: EFAULT"):
