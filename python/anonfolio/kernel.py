@@ -8,13 +8,14 @@ call what is here:
 - :func:`thp_settings` is a context manager that sets
   ``/sys/kernel/mm/transparent_hugepage/enabled``, ``use_zero_page`` and
   ``hugepages-*/enabled``, and always restores what it found.
-- :func:`kernel_replay` replays a trace on this machine's kernel (in this
-  process, by the native oracle) under a :class:`Config`'s knobs.
+- :func:`kernel_replay` replays a trace on this machine's kernel (in a
+  child process, by the native oracle: every operation of the trace format,
+  ``brk`` as the kernel's own) under a :class:`Config`'s knobs.
 - :func:`compare` lines a simulator result up with a kernel one, figure by
   figure, as ``validate`` prints them.
 
 The per-size counters the kernel reports are system-wide; the folios the
-trace's own memory holds at the end come from this process's pagemap and
+trace's own memory holds at the end come from the replaying process's pagemap and
 ``/proc/kpageflags`` (``folio_orders``), which no other process can change,
 and those are what :func:`compare` lets decide. Prefer ``madvise`` knobs with
 ``hugepage`` mappings so that no other process is affected while a trace runs.
@@ -255,7 +256,9 @@ def kernel_replay(
     and ``settings``, the knobs applied.
 
     Raises:
-        TraceError, RangeError: a bad trace (also ValueError); the message names the line.
+        TraceError, RangeError: a bad trace, or a VMA operation the kernel
+            refused (also ValueError); the message names the line (and errno).
+        SegmentationFault: an access the kernel answers with SIGSEGV (``line``, ``address``).
         ConfigError: a bad size or mode (also ValueError).
         OracleError: the kernel could not run it (also OSError).
         OSError: the knobs could not be set (not root...).
@@ -285,7 +288,7 @@ def compare(
     Process-local rows, which no other process can move: ``faults``,
     ``rss_bytes`` and, for every size above order 1 either side has, the
     folios of that size mapped at the end (``SIZE folios``: the simulator's
-    ``nr_anon`` against the kernel's count from this process's pagemap,
+    ``nr_anon`` against the kernel's count from the replaying process's pagemap,
     ``folio_orders``). System-wide rows: the :data:`COMPARED_COUNTERS` of
     ``hugepages-*/stats`` that are not zero on both, which other processes
     faulting large folios at the same time also move.
@@ -331,7 +334,7 @@ def verdict(rows: list[ValidateRow]) -> tuple[bool, list[str]]:
     if off:
         notes.append(
             f"system-wide counters differ ({', '.join(off)}): other processes' faults count there too; "
-            "the verdict rests on this process's own figures (faults, smaps, pagemap)"
+            "the verdict rests on the replaying process's own figures (faults, smaps, pagemap)"
         )
     if any(r["decides"] and r["scope"] == "system" for r in rows):
         notes.append("the per-size counters compared are system-wide: other processes' faults count there too")
