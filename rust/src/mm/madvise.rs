@@ -125,3 +125,91 @@ impl MmInner {
         cpu.sync_pcp_gauge();
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::mm::testing::*;
+    use crate::Advice;
+
+    /// Findings 5: MADV_FREE wholly over four 64K folios splits nothing and
+    /// keeps RSS; a later write takes no fault. Over half of two folios:
+    /// both split to order 0 (split +2, split_deferred +2, nr_anon -2),
+    /// RSS unchanged, writes to the freed pages take no fault.
+    #[test]
+    fn madv_free_keeps_whole_folios_and_splits_the_ones_it_cuts() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 256 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        mm.madvise(&mut cpu, B, 256 * K, Advice::Free).unwrap();
+        let s = mm.stats();
+        assert_eq!((s.mthp[4].split, s.mthp[4].nr_anon, s.rss_pages), (0, 4, 64));
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        touch(&mm, &mut cpu, B, 256 * K, false);
+        assert_eq!(faults(&mm), 4);
+        mm.madvise(&mut cpu, B + 0x8000, 0x10000, Advice::Free).unwrap();
+        let m = mm.stats().mthp[4];
+        assert_eq!((m.split, m.split_deferred, m.nr_anon, m.nr_anon_partially_mapped), (2, 2, 2, 0));
+        assert_eq!(mm.stats().rss_pages, 64);
+        check(&mm);
+        touch(&mm, &mut cpu, B + 0x8000, 0x10000, true);
+        assert_eq!(faults(&mm), 4);
+        // One 4K page inside a 64K folio.
+        mm.madvise(&mut cpu, B + 0x23000, 0x1000, Advice::Free).unwrap();
+        assert_eq!(mm.stats().mthp[4].split, 3);
+        // The split pages are order-0 folios now: unmapping one frees one page.
+        mm.munmap(&mut cpu, B + 0x21000, 0x1000).unwrap();
+        assert_eq!((mm.stats().rss_pages, mm.stats().mthp[4].split_deferred), (63, 3));
+        check(&mm);
+    }
+
+    /// A whole PMD THP stays PMD-mapped; the first 64K of one splits the
+    /// PMD and the folio to 512 order-0 pages (thp_split_pmd +1, split +1,
+    /// thp_split_page +1, no split_deferred); writes after: 0 faults.
+    #[test]
+    fn madv_free_of_part_of_a_pmd_thp_splits_it_to_order_0() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 4 << 20, hg()).unwrap();
+        mm.access(&mut cpu, B, true).unwrap();
+        mm.access(&mut cpu, B + (2 << 20), true).unwrap();
+        mm.madvise(&mut cpu, B + (2 << 20), 2 << 20, Advice::Free).unwrap();
+        assert_eq!(mm.stats().vm.thp_split_pmd, 0);
+        mm.madvise(&mut cpu, B, 64 * K, Advice::Free).unwrap();
+        let s = mm.stats();
+        assert_eq!((s.vm.thp_split_pmd, s.mthp[9].split, s.vm.thp_split_page), (1, 1, 1));
+        assert_eq!((s.mthp[9].split_deferred, s.mthp[9].nr_anon, s.rss_pages), (0, 1, 1024));
+        touch(&mm, &mut cpu, B, 4 << 20, true);
+        assert_eq!(faults(&mm), 2);
+        check(&mm);
+        mm.munmap(&mut cpu, B, 4 << 20).unwrap();
+        check(&mm);
+    }
+
+    /// MADV_FREE of zero-page PTEs changes nothing: 32 writes after are 32
+    /// ordinary zero-page copies.
+    #[test]
+    fn madv_free_skips_the_zero_page() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 128 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 128 * K, false);
+        mm.madvise(&mut cpu, B, 128 * K, Advice::Free).unwrap();
+        touch(&mm, &mut cpu, B, 128 * K, true);
+        assert_eq!((faults(&mm), mm.stats().folio_orders[0]), (64, 32));
+    }
+
+    /// MADV_DONTFORK on 16K in the middle of a faulted 192K VMA: 3 VMAs,
+    /// the 64K folio under it not split; MADV_DOFORK merges back into 1.
+    #[test]
+    fn dontfork_splits_the_vma_not_the_folio_and_dofork_merges_it_back() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 192 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 192 * K, true);
+        mm.madvise(&mut cpu, B + 0x14000, 0x4000, Advice::DontFork).unwrap();
+        let v = mm.vmas();
+        assert_eq!((v.len(), v[1].dontcopy, v[0].dontcopy), (3, true, false));
+        let s = mm.stats();
+        assert_eq!((s.mthp[4].split, s.mthp[4].split_deferred, s.mthp[4].nr_anon), (0, 0, 3));
+        mm.madvise(&mut cpu, B + 0x14000, 0x4000, Advice::DoFork).unwrap();
+        assert_eq!(mm.vmas().len(), 1);
+        check(&mm);
+    }
+}

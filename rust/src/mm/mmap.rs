@@ -188,3 +188,141 @@ impl MmInner {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::mm::testing::*;
+    use crate::trace::Prot;
+
+    /// Findings 2: the first brk sets start_brk and maps nothing; a grow
+    /// makes one rw+VM_ACCOUNT heap VMA to PAGE_ALIGN(brk); after
+    /// MADV_HUGEPAGE on it a further grow is a second VMA (flags differ)
+    /// whose faults are order 0; later grows expand that one.
+    #[test]
+    fn brk_makes_the_heap_and_a_grow_after_advice_is_a_new_vma() {
+        let (mm, mut cpu) = mm();
+        mm.brk(&mut cpu, B).unwrap();
+        assert!(mm.vmas().is_empty(), "no heap VMA until the first grow");
+        mm.brk(&mut cpu, B + (1 << 20) + 100).unwrap();
+        let v = mm.vmas();
+        assert_eq!((v.len(), v[0].start, v[0].end, v[0].account), (1, B, B + (1 << 20) + 0x1000, true));
+        touch(&mm, &mut cpu, B, 64 * K, true);
+        assert_eq!(faults(&mm), 16, "unadvised: order 0");
+        mm.madvise(&mut cpu, B, (1 << 20) + 0x1000, crate::Advice::HugePage).unwrap();
+        touch(&mm, &mut cpu, B + 256 * K, 256 * K, true);
+        assert_eq!(mm.stats().mthp[4].anon_fault_alloc, 4);
+        mm.brk(&mut cpu, B + (2 << 20)).unwrap();
+        assert_eq!(mm.vmas().len(), 2);
+        mm.brk(&mut cpu, B + (3 << 20)).unwrap();
+        assert_eq!(mm.vmas().len(), 2, "a later grow expands the last heap VMA");
+        let f = faults(&mm);
+        touch(&mm, &mut cpu, B + (2 << 20) - 256 * K, 256 * K, true);
+        assert_eq!(faults(&mm) - f, 64);
+        check(&mm);
+    }
+
+    /// The heap never merges through brk with a VMA below start_brk, even
+    /// with the same flags; an mmap right below the heap merges into it;
+    /// one right above it merges too and then blocks brk growth.
+    #[test]
+    fn brk_never_merges_below_start_brk_but_an_mmap_merges_into_the_heap() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B - 64 * K, 64 * K, Default::default()).unwrap();
+        mm.brk(&mut cpu, B).unwrap();
+        mm.brk(&mut cpu, B + 64 * K).unwrap();
+        assert_eq!(mm.vmas().len(), 2);
+        let (mm, mut cpu) = crate::mm::testing::mm();
+        mm.brk(&mut cpu, B).unwrap();
+        mm.brk(&mut cpu, B + 64 * K).unwrap();
+        mm.mmap(&mut cpu, B - 64 * K, 64 * K, Default::default()).unwrap();
+        assert_eq!(mm.vmas().len(), 1, "the mmap path merges with the heap");
+        mm.mmap(&mut cpu, B + 64 * K, 64 * K, Default::default()).unwrap();
+        assert_eq!(mm.vmas().len(), 1);
+        assert!(mm.brk(&mut cpu, B + 68 * K).is_err(), "the range above the break is mapped");
+        assert!(mm.brk(&mut cpu, B - 0x1000).is_err(), "below start_brk");
+        // brk(start_brk) removes the heap; the VMA merged from below stays.
+        mm.brk(&mut cpu, B).unwrap();
+        let v = mm.vmas();
+        assert_eq!((v[0].start, v[0].end), (B - 64 * K, B));
+    }
+
+    /// Shrinking the break into a 64K folio keeps 4 of its pages: split
+    /// deferred +1, partially mapped +1, the 3 whole folios above freed.
+    #[test]
+    fn brk_shrink_inside_a_folio_defers_its_split() {
+        let (mm, mut cpu) = mm();
+        mm.brk(&mut cpu, B).unwrap();
+        mm.brk(&mut cpu, B + 256 * K).unwrap();
+        mm.madvise(&mut cpu, B, 256 * K, crate::Advice::HugePage).unwrap();
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        mm.brk(&mut cpu, B + 0x3001).unwrap();
+        let s = mm.stats();
+        let m = &s.mthp[4];
+        assert_eq!((m.split_deferred, m.nr_anon_partially_mapped, m.nr_anon, m.split), (1, 1, 1, 0));
+        assert_eq!(s.rss_pages, 4);
+        assert_eq!(mm.vmas()[0].end, B + 0x4000);
+        mm.access(&mut cpu, B + 0x3fff, true).unwrap();
+        assert!(mm.access(&mut cpu, B + 0x4000, true).is_err());
+        assert_eq!(faults(&mm), 4);
+        check(&mm);
+    }
+
+    /// Findings 7: a growsdown VMA grows to exactly the faulting page (one
+    /// fault); page-by-page downward growth is all order 0; a jump to a
+    /// 64K-aligned address gets a 64K folio, a 2M-aligned one a PMD THP;
+    /// 1 MiB guard gap above an accessible VMA, none above PROT_NONE; no
+    /// growth beyond RLIMIT_STACK.
+    #[test]
+    fn a_stack_grows_to_the_faulting_page_within_its_guard_gap_and_rlimit() {
+        let (mm, mut cpu) = mm();
+        let top = B + (64 << 20);
+        let gd = crate::trace::MmapFlags { growsdown: true, hugepage: true, ..Default::default() };
+        mm.mmap(&mut cpu, top - 64 * K, 64 * K, gd).unwrap();
+        assert!(mm.vmas()[0].growsdown);
+        for i in 1..=32 {
+            mm.access(&mut cpu, top - 64 * K - i * 0x1000, true).unwrap();
+        }
+        assert_eq!((faults(&mm), mm.stats().folio_orders[0]), (32, 32));
+        assert_eq!(mm.vmas()[0].start, top - 64 * K - 32 * 0x1000);
+        let a = top - (1 << 20) - 64 * K;
+        mm.access(&mut cpu, a, true).unwrap();
+        assert_eq!(mm.stats().mthp[4].anon_fault_alloc, 1, "window [addr, addr+64K) starts at vm_start");
+        let p = top - (6 << 20);
+        mm.access(&mut cpu, p, true).unwrap();
+        assert_eq!(mm.stats().mthp[9].anon_fault_alloc, 1);
+        let f = faults(&mm);
+        assert!(is_segv(mm.access(&mut cpu, top - (8 << 20) - 0x5000, true)), "beyond RLIMIT_STACK");
+        mm.access(&mut cpu, top - (8 << 20), true).unwrap();
+        assert_eq!(faults(&mm), f + 1);
+        // Guard gap.
+        let (mm, mut cpu) = crate::mm::testing::mm();
+        mm.mmap(&mut cpu, B, 64 * K, Default::default()).unwrap();
+        let s = B + 64 * K + (2 << 20);
+        mm.mmap(&mut cpu, s, 64 * K, gd).unwrap();
+        assert!(is_segv(mm.access(&mut cpu, B + 64 * K + 1020 * K, true)));
+        assert_eq!(faults(&mm), 0, "a refused growth counts no fault");
+        mm.access(&mut cpu, B + 64 * K + 1024 * K, true).unwrap();
+        let (mm, mut cpu) = crate::mm::testing::mm();
+        mm.mmap(&mut cpu, B, 64 * K, prot(Prot::None)).unwrap();
+        mm.mmap(&mut cpu, B + 128 * K, 64 * K, gd).unwrap();
+        mm.access(&mut cpu, B + 64 * K, false).unwrap();
+        assert_eq!(mm.vmas()[1].start, B + 64 * K, "no gap above a PROT_NONE VMA");
+        check(&mm);
+    }
+
+    /// MAP_POPULATE faults inside mmap, before the trace's `hugepage`
+    /// advice: 256K populate = 64 order-0 faults; read-only = 64 zero pages.
+    #[test]
+    fn map_populate_faults_before_the_advice_applies() {
+        let (mm, mut cpu) = mm();
+        let f = crate::trace::MmapFlags { populate: true, hugepage: true, ..Default::default() };
+        mm.mmap(&mut cpu, B, 256 * K, f).unwrap();
+        let s = mm.stats();
+        assert_eq!((s.faults(), s.folio_orders[0], s.mthp[4].anon_fault_alloc, s.rss_pages), (64, 64, 0, 64));
+        assert!(mm.vmas()[0].hugepage);
+        let r = crate::trace::MmapFlags { populate: true, prot: Prot::Read, ..Default::default() };
+        mm.mmap(&mut cpu, B + (4 << 20), 256 * K, r).unwrap();
+        assert_eq!((faults(&mm), mm.stats().rss_pages), (128, 64));
+        check(&mm);
+    }
+}

@@ -400,3 +400,54 @@ impl MmInner {
         Some(v)
     }
 }
+
+/// What the tests of the new operations share: an mm configured as the
+/// kernel measurements were taken (top-level `madvise`, 16kB and 64kB
+/// `madvise`, 2048kB `inherit`), and short names for its figures.
+#[cfg(all(test, not(loom)))]
+pub(crate) mod testing {
+    use super::*;
+    use crate::trace::{MmapFlags, Prot};
+
+    pub const B: u64 = 0x7f00_0000_0000;
+    pub const K: u64 = 1024;
+
+    pub fn mm() -> (Mm, Cpu) {
+        let mut c = Config::default();
+        for s in ["16kB=madvise", "64kB=madvise", "2048kB=inherit"] {
+            c.set_size_mode(s).unwrap();
+        }
+        c.memory.phys_bytes = 256 << 20;
+        let mm = Mm::new(c).unwrap();
+        let cpu = mm.cpu(0);
+        (mm, cpu)
+    }
+
+    pub fn hg() -> MmapFlags {
+        MmapFlags { hugepage: true, ..Default::default() }
+    }
+
+    pub fn prot(p: Prot) -> MmapFlags {
+        MmapFlags { prot: p, ..Default::default() }
+    }
+
+    /// Writes (or reads) every page of `[a, a+len)`.
+    pub fn touch(mm: &Mm, cpu: &mut Cpu, a: u64, len: u64, write: bool) {
+        for p in (a..a + len).step_by(crate::PAGE_SIZE as usize) {
+            mm.access(cpu, p, write).unwrap();
+        }
+    }
+
+    pub fn faults(mm: &Mm) -> u64 {
+        mm.stats().faults()
+    }
+
+    pub fn is_segv(r: Result<()>) -> bool {
+        matches!(r, Err(Error::SegvAccess { .. }) | Err(Error::Segv(_)))
+    }
+
+    /// The invariant checker must pass.
+    pub fn check(mm: &Mm) {
+        mm.check_invariants().unwrap();
+    }
+}

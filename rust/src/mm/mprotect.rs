@@ -131,3 +131,134 @@ impl MmInner {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::mm::testing::*;
+    use crate::trace::Prot;
+
+    /// Findings 1: 1 MiB of 64K folios, mprotect(r) of one folio's range:
+    /// 3 VMAs, a read there is fine, a write is SIGSEGV counting 0 faults;
+    /// back to rw merges to 1 VMA and the 16 pages write with 0 faults.
+    #[test]
+    fn mprotect_read_only_splits_segvs_writes_and_rw_again_takes_no_fault() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 1 << 20, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 1 << 20, true);
+        assert_eq!(faults(&mm), 16);
+        mm.mprotect(&mut cpu, B + 64 * K, 64 * K, Prot::Read).unwrap();
+        let v = mm.vmas();
+        assert_eq!(v.len(), 3);
+        assert_eq!((v[1].prot, v[1].account), (Prot::Read, true), "VM_ACCOUNT stays");
+        mm.access(&mut cpu, B + 64 * K, false).unwrap();
+        assert!(is_segv(mm.access(&mut cpu, B + 64 * K, true)));
+        assert_eq!(faults(&mm), 16, "a SIGSEGV counts no fault");
+        assert_eq!(mm.stats().rss_pages, 256);
+        mm.mprotect(&mut cpu, B + 64 * K, 64 * K, Prot::ReadWrite).unwrap();
+        assert_eq!(mm.vmas().len(), 1);
+        touch(&mm, &mut cpu, B + 64 * K, 64 * K, true);
+        assert_eq!(faults(&mm), 16, "mprotect(rw) made the exclusive folio's PTEs writable");
+        assert_eq!(mm.stats().mthp[4].split, 0);
+        check(&mm);
+    }
+
+    /// PROT_NONE on one page inside a 64K folio: read and write are
+    /// SIGSEGV with 0 faults, the page stays mapped; back to rw, 0 faults.
+    #[test]
+    fn prot_none_keeps_the_page_mapped_and_forbids_every_access() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 192 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 192 * K, true);
+        mm.mprotect(&mut cpu, B + 0x24000, 0x1000, Prot::None).unwrap();
+        assert_eq!(mm.vmas().len(), 3);
+        assert!(is_segv(mm.access(&mut cpu, B + 0x24000, false)));
+        assert!(is_segv(mm.access(&mut cpu, B + 0x24000, true)));
+        mm.access(&mut cpu, B + 0x25000, true).unwrap();
+        assert_eq!(faults(&mm), 3);
+        assert_eq!(mm.stats().rss_pages, 48, "the PROT_NONE page stays mapped");
+        check(&mm);
+        mm.mprotect(&mut cpu, B + 0x24000, 0x1000, Prot::ReadWrite).unwrap();
+        mm.access(&mut cpu, B + 0x24000, true).unwrap();
+        assert_eq!((faults(&mm), mm.vmas().len()), (3, 1));
+    }
+
+    /// A VMA boundary inside a PMD THP splits the PMD mapping (thp_split_pmd
+    /// +1), not the folio; the whole 2 MiB made read-only splits nothing;
+    /// rw again writes all 512 pages with 0 faults either way.
+    #[test]
+    fn mprotect_inside_a_pmd_thp_splits_the_pmd_mapping_only() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 4 << 20, hg()).unwrap();
+        mm.access(&mut cpu, B, true).unwrap();
+        mm.access(&mut cpu, B + (2 << 20), true).unwrap();
+        mm.mprotect(&mut cpu, B + 0x5000, 0x1000, Prot::Read).unwrap();
+        let s = mm.stats();
+        assert_eq!((s.vm.thp_split_pmd, s.mthp[9].split, s.mthp[9].split_deferred, s.mthp[9].nr_anon), (1, 0, 0, 2));
+        assert_eq!(mm.vmas().len(), 3);
+        mm.mprotect(&mut cpu, B + 0x5000, 0x1000, Prot::ReadWrite).unwrap();
+        assert_eq!(mm.vmas().len(), 1);
+        touch(&mm, &mut cpu, B, 2 << 20, true);
+        assert_eq!(faults(&mm), 2);
+        // The whole aligned second 2 MiB.
+        mm.mprotect(&mut cpu, B + (2 << 20), 2 << 20, Prot::Read).unwrap();
+        assert!(is_segv(mm.access(&mut cpu, B + (2 << 20), true)));
+        mm.access(&mut cpu, B + (2 << 20), false).unwrap();
+        assert_eq!(mm.stats().vm.thp_split_pmd, 1, "change_huge_pmd splits nothing");
+        mm.mprotect(&mut cpu, B + (2 << 20), 2 << 20, Prot::ReadWrite).unwrap();
+        touch(&mm, &mut cpu, B + (2 << 20), 2 << 20, true);
+        assert_eq!(faults(&mm), 2);
+        check(&mm);
+    }
+
+    /// PROT_READ 128K advised: 32 read faults on the zero page (RSS 0, no
+    /// VM_ACCOUNT); mprotect(rw) adds VM_ACCOUNT; 32 writes are 32 order-0
+    /// copies though 64kB is enabled. 2 MiB read: 1 fault, huge zero page;
+    /// rw then a write: 1 fault, a PMD THP.
+    #[test]
+    fn zero_page_reads_in_a_read_only_vma_copy_to_order_0_after_mprotect_rw() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 128 * K, prot(Prot::Read)).unwrap();
+        mm.madvise(&mut cpu, B, 128 * K, crate::Advice::HugePage).unwrap();
+        assert!(!mm.vmas()[0].account);
+        touch(&mm, &mut cpu, B, 128 * K, false);
+        assert_eq!((faults(&mm), mm.stats().rss_pages), (32, 0));
+        mm.mprotect(&mut cpu, B, 128 * K, Prot::ReadWrite).unwrap();
+        assert!(mm.vmas()[0].account);
+        touch(&mm, &mut cpu, B, 128 * K, true);
+        let s = mm.stats();
+        assert_eq!((s.faults(), s.folio_orders[0], s.mthp[4].anon_fault_alloc), (64, 32, 0));
+        let h = B + (4 << 20);
+        mm.mmap(&mut cpu, h, 2 << 20, prot(Prot::Read)).unwrap();
+        mm.madvise(&mut cpu, h, 2 << 20, crate::Advice::HugePage).unwrap();
+        touch(&mm, &mut cpu, h, 2 << 20, false);
+        assert_eq!(faults(&mm), 65);
+        mm.mprotect(&mut cpu, h, 2 << 20, Prot::ReadWrite).unwrap();
+        mm.access(&mut cpu, h + 0x3000, true).unwrap();
+        let s = mm.stats();
+        assert_eq!((s.faults(), s.mthp[9].anon_fault_alloc, s.vm.thp_fault_alloc), (66, 1, 1));
+        check(&mm);
+    }
+
+    /// A range with a hole: the part before it is changed, then ENOMEM; a
+    /// range starting in a hole changes nothing. MAP_NORESERVE never gets
+    /// VM_ACCOUNT from mprotect(rw).
+    #[test]
+    fn mprotect_over_a_hole_changes_up_to_it_and_is_refused() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 64 * K, Default::default()).unwrap();
+        mm.mmap(&mut cpu, B + 68 * K, 64 * K, Default::default()).unwrap();
+        let e = mm.mprotect(&mut cpu, B, 132 * K, Prot::Read).unwrap_err();
+        assert!(e.to_string().contains("ENOMEM"), "{e}");
+        let v = mm.vmas();
+        assert_eq!((v[0].prot, v[1].prot), (Prot::Read, Prot::ReadWrite));
+        assert!(mm.mprotect(&mut cpu, B + 64 * K, 4 * K, Prot::Read).is_err());
+        let nr = crate::trace::MmapFlags { prot: Prot::None, noreserve: true, ..Default::default() };
+        mm.mmap(&mut cpu, B + (4 << 20), 1 << 20, nr).unwrap();
+        mm.mprotect(&mut cpu, B + (4 << 20), 256 * K, Prot::ReadWrite).unwrap();
+        mm.madvise(&mut cpu, B + (4 << 20), 256 * K, crate::Advice::HugePage).unwrap();
+        let v = mm.vmas();
+        assert!(!v[2].account && v[2].noreserve);
+        touch(&mm, &mut cpu, B + (4 << 20), 256 * K, true);
+        assert_eq!(mm.stats().mthp[4].anon_fault_alloc, 4, "same orders as an mmap'd VMA");
+    }
+}

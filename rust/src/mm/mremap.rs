@@ -189,3 +189,125 @@ impl MmInner {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::mm::testing::*;
+
+    fn folios_of_64k(mm: &crate::Mm) -> u64 {
+        mm.stats().mthp[4].nr_anon
+    }
+
+    /// Findings 4: 256K of 64K folios moved (aligned or 4K past) take 0
+    /// faults afterwards and stay large; growing the misaligned one in
+    /// place by 60K and writing the 15 new pages: 6 faults, 3 16K folios.
+    #[test]
+    fn a_moved_range_keeps_its_folios_and_is_not_faulted_again() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 256 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        let n = B + (8 << 20);
+        mm.mremap(&mut cpu, B, 256 * K, n, 256 * K).unwrap();
+        touch(&mm, &mut cpu, n, 256 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (4, 4));
+        assert!(mm.access(&mut cpu, B, true).is_err(), "the old place is empty");
+        let m = B + (16 << 20) + 0x1000;
+        mm.mremap(&mut cpu, n, 256 * K, m, 256 * K).unwrap();
+        touch(&mm, &mut cpu, m, 256 * K, true);
+        let s = mm.stats();
+        assert_eq!((s.faults(), s.mthp[4].nr_anon, s.mthp[4].split, s.mthp[4].split_deferred), (4, 4, 0, 0));
+        assert!(mm.vmas()[0].hugepage);
+        check(&mm);
+        mm.mremap(&mut cpu, m, 256 * K, m, 256 * K + 60 * K).unwrap();
+        touch(&mm, &mut cpu, m + 256 * K, 60 * K, true);
+        let s = mm.stats();
+        assert_eq!((s.faults(), s.mthp[2].anon_fault_alloc, s.folio_orders[0]), (10, 3, 3));
+        check(&mm);
+    }
+
+    /// A PMD THP moved 2M-aligned stays PMD-mapped; moved 4K past a 2M
+    /// boundary its PMD is split (thp_split_pmd +1), the folio stays whole.
+    #[test]
+    fn a_pmd_thp_moves_whole_when_aligned_and_is_pte_mapped_when_not() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 2 << 20, hg()).unwrap();
+        mm.access(&mut cpu, B, true).unwrap();
+        mm.mremap(&mut cpu, B, 2 << 20, B + (4 << 20), 2 << 20).unwrap();
+        touch(&mm, &mut cpu, B + (4 << 20), 2 << 20, true);
+        assert_eq!((faults(&mm), mm.stats().vm.thp_split_pmd), (1, 0));
+        mm.mremap(&mut cpu, B + (4 << 20), 2 << 20, B + (8 << 20) + 0x1000, 2 << 20).unwrap();
+        touch(&mm, &mut cpu, B + (8 << 20) + 0x1000, 2 << 20, true);
+        let s = mm.stats();
+        assert_eq!((s.faults(), s.vm.thp_split_pmd, s.mthp[9].nr_anon, s.mthp[9].split), (1, 1, 1, 0));
+        check(&mm);
+    }
+
+    /// Shrinking 256K of 64K folios to 0x13000 in place: split_deferred +1,
+    /// partially mapped +1, 2 folios freed; a PMD THP shrunk to 1M+4K:
+    /// thp_split_pmd +1, split deferred, the folio stays order 9.
+    #[test]
+    fn a_shrink_that_cuts_a_large_folio_defers_its_split() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 256 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        mm.mremap(&mut cpu, B, 256 * K, B, 0x13000).unwrap();
+        let m = mm.stats().mthp[4];
+        assert_eq!((m.split_deferred, m.nr_anon_partially_mapped, m.nr_anon), (1, 1, 2));
+        let h = B + (4 << 20);
+        mm.mmap(&mut cpu, h, 2 << 20, hg()).unwrap();
+        mm.access(&mut cpu, h, true).unwrap();
+        mm.mremap(&mut cpu, h, 2 << 20, h, (1 << 20) + 0x1000).unwrap();
+        let s = mm.stats();
+        assert_eq!((s.vm.thp_split_pmd, s.mthp[9].split_deferred, s.vm.thp_deferred_split_page), (1, 1, 1));
+        assert_eq!((s.mthp[9].nr_anon, s.rss_pages), (1, 19 + 257));
+        check(&mm);
+    }
+
+    /// Merging of moved VMAs: the upper part moved away and back merges
+    /// again; a faulted VMA moved next to an unfaulted one does not (its
+    /// vm_pgoff is kept); an unfaulted one moved there does.
+    #[test]
+    fn a_moved_vma_merges_only_where_its_page_offsets_continue() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 256 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        let far = B + (8 << 20);
+        mm.mremap(&mut cpu, B + 0x18000, 0x28000, far, 0x28000).unwrap();
+        assert_eq!(mm.stats().mthp[4].split_deferred, 0, "every page is still mapped");
+        assert_eq!(mm.vmas().len(), 2);
+        mm.mremap(&mut cpu, far, 0x28000, B + 0x18000, 0x28000).unwrap();
+        assert_eq!(mm.vmas().len(), 1);
+        check(&mm);
+        // Faulted next to unfaulted: 2; unfaulted next to faulted: 1.
+        let d = B + (16 << 20);
+        mm.mmap(&mut cpu, d, 64 * K, hg()).unwrap();
+        mm.mremap(&mut cpu, B, 64 * K, d + 64 * K, 64 * K).unwrap();
+        assert_eq!(mm.vmas().iter().filter(|v| v.start >= d).count(), 2);
+        // An unfaulted VMA moved right after a faulted (not moved) one.
+        let f = B + (32 << 20);
+        mm.mmap(&mut cpu, f, 64 * K, hg()).unwrap();
+        mm.access(&mut cpu, f, true).unwrap();
+        let e = B + (24 << 20);
+        mm.mmap(&mut cpu, e, 64 * K, hg()).unwrap();
+        mm.mremap(&mut cpu, e, 64 * K, f + 64 * K, 64 * K).unwrap();
+        assert_eq!(mm.vmas().iter().filter(|v| v.start >= f).count(), 1, "the unfaulted one merged");
+    }
+
+    /// Ranges the kernel refuses: a resize spanning two VMAs, an old range
+    /// starting in a hole, a new range overlapping the old, a grow in place
+    /// into a mapping. A same-size move of two VMAs succeeds.
+    #[test]
+    fn mremap_of_what_is_not_one_mapping_is_refused() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 64 * K, Default::default()).unwrap();
+        mm.mmap(&mut cpu, B + 64 * K, 64 * K, crate::mm::testing::prot(crate::trace::Prot::Read)).unwrap();
+        let n = B + (4 << 20);
+        assert!(mm.mremap(&mut cpu, B, 128 * K, n, 256 * K).is_err());
+        assert!(mm.mremap(&mut cpu, B + 128 * K, 4 * K, n, 4 * K).is_err());
+        assert!(mm.mremap(&mut cpu, B, 64 * K, B + 32 * K, 64 * K).is_err());
+        assert!(mm.mremap(&mut cpu, B, 64 * K, B, 128 * K).is_err());
+        mm.mremap(&mut cpu, B, 128 * K, n, 128 * K).unwrap();
+        let v = mm.vmas();
+        assert_eq!((v.len(), v[0].start, v[1].prot), (2, n, crate::trace::Prot::Read));
+    }
+}

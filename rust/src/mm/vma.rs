@@ -483,6 +483,25 @@ mod tests {
         assert_eq!(t.next_start(0), 0);
     }
 
+    /// Findings 3: two adjacent 64K mmaps merge only with equal flags:
+    /// VM_ACCOUNT/VM_NORESERVE and VM_NOHUGEPAGE (MAP_STACK) decide.
+    #[test]
+    fn adjacent_mmaps_merge_only_with_equal_flags() {
+        let f = |noreserve, stack, nohugepage| {
+            VmFlags::for_mmap(MmapFlags { noreserve, stack, nohugepage, ..Default::default() })
+        };
+        let (plain, nr, st) = (f(false, false, false), f(true, false, false), f(false, true, false));
+        assert!(plain.account && !nr.account && nr.noreserve && st.nohugepage);
+        let mut nh = plain;
+        advise_flags(Advice::NoHugePage, &mut nh);
+        for (a, b, want) in [(plain, plain, 1), (plain, nr, 2), (nr, nr, 1), (plain, st, 2), (st, st, 1), (nh, st, 1)] {
+            let mut t = VmaTree::default();
+            t.mmap(0x10000, 0x10000, a, o).unwrap();
+            t.mmap(0x20000, 0x10000, b, o).unwrap();
+            assert_eq!(t.infos().len(), want, "{a:?} | {b:?}");
+        }
+    }
+
     #[test]
     fn different_anon_vmas_do_not_merge() {
         let mut t = VmaTree::default();
