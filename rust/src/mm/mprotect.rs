@@ -85,8 +85,10 @@ impl MmInner {
             if let Some(pmd) = self.pt.pmd_offset(a) {
                 let v = pmd.load(Acquire);
                 if v != 0 && pmd_huge(v) {
-                    if next - a == PMD_SIZE {
-                        // change_huge_pmd().
+                    // change_huge_pmd(): the VMA split left no huge PMD
+                    // that the range cuts.
+                    debug_assert_eq!(next - a, PMD_SIZE, "vma_adjust_trans_huge split it");
+                    {
                         let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
                         let bits = if !flags.accessible() {
                             PMD_PROTNONE
@@ -96,8 +98,6 @@ impl MmInner {
                             0
                         };
                         pmd.store((v & !PMD_PROT_MASK) | bits, Release);
-                    } else {
-                        self.split_huge_pmd(cpu, pmd);
                     }
                 }
                 let v = pmd.load(Acquire);
