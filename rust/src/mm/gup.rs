@@ -12,20 +12,18 @@ use crate::mm::{Cpu, Mm};
 use crate::PAGE_SIZE;
 
 impl Mm {
-    /// `faultin_page_range()` for `madvise(MADV_POPULATE_READ/WRITE)`. A
-    /// write populate of a VMA without VM_WRITE, or any populate of a
-    /// PROT_NONE VMA, is EINVAL (`check_vma_flags`); an unmapped page is
-    /// ENOMEM. Both stop after what came before was populated, as the
-    /// kernel leaves it; the trace cannot continue past a call the kernel
-    /// refused, so they are errors.
+    /// `faultin_page_range()` for `madvise(MADV_POPULATE_READ/WRITE)`. An
+    /// unmapped page stops it (ENOMEM) after what came before was
+    /// populated; as for every madvise of a range with holes, the replay
+    /// goes on as the program did. A write populate of a VMA without
+    /// VM_WRITE, or any populate of a PROT_NONE VMA, is EINVAL
+    /// (`check_vma_flags`), which the kernel refuses: an error.
     pub fn faultin_page_range(&self, cpu: &mut Cpu, start: u64, end: u64, write: bool) -> Result<()> {
         let pc = cpu.percpu();
         let g = self.mmap_read_lock(&pc, cpu);
         let mut a = start;
         while a < end {
-            let Some(vma) = self.lookup(&g, cpu, a) else {
-                return Err(Error::InvalidRange(format!("madvise populate: {a:#x} is not mapped (ENOMEM)")));
-            };
+            let Some(vma) = self.lookup(&g, cpu, a) else { break };
             let (vend, flags) = (vma.end.min(end), vma.flags);
             if (write && !flags.write) || !flags.accessible() {
                 return Err(Error::InvalidRange(format!(
@@ -108,7 +106,7 @@ mod tests {
 
     /// POPULATE_WRITE on PROT_READ and POPULATE_READ on PROT_NONE are
     /// EINVAL with no fault; POPULATE_READ on PROT_READ maps zero pages; a
-    /// hole stops it after populating up to it (ENOMEM).
+    /// hole stops it after populating up to it (ENOMEM, not an error).
     #[test]
     fn populate_refuses_what_the_vma_forbids_and_stops_at_a_hole() {
         let (mm, mut cpu) = mm();
@@ -124,8 +122,7 @@ mod tests {
         let w = B + (4 << 20);
         mm.mmap(&mut cpu, w, 32 * K, Default::default()).unwrap();
         mm.mmap(&mut cpu, w + 36 * K, 32 * K, Default::default()).unwrap();
-        let e = mm.madvise(&mut cpu, w, 68 * K, Advice::PopulateWrite).unwrap_err();
-        assert!(e.to_string().contains("ENOMEM"), "{e}");
-        assert_eq!((faults(&mm), mm.stats().rss_pages), (24, 8));
+        mm.madvise(&mut cpu, w, 68 * K, Advice::PopulateWrite).unwrap();
+        assert_eq!((faults(&mm), mm.stats().rss_pages), (24, 8), "populated up to the hole only");
     }
 }

@@ -18,8 +18,8 @@ impl Mm {
     /// FREE marks it lazyfree (`madvise_free_single_vma`); the flag advice
     /// changes the VMA flags. A range with unmapped parts is applied where
     /// mapped, as the kernel does before returning ENOMEM. POPULATE_READ /
-    /// WRITE stop at an unmapped page or a VMA that forbids the access
-    /// (ENOMEM / EINVAL: an error).
+    /// WRITE stop at the first unmapped page (ENOMEM, likewise not an
+    /// error); a VMA that forbids the access is EINVAL, an error.
     pub fn madvise(&self, cpu: &mut Cpu, addr: u64, len: u64, advice: Advice) -> Result<()> {
         check_range(addr, len, 0)?;
         let end = addr + len;
