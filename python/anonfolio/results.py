@@ -61,6 +61,7 @@ class VmstatCounters(TypedDict):
     thp_fault_fallback: int
     thp_fault_fallback_charge: int
     thp_split_pmd: int
+    thp_split_page: int
     thp_deferred_split_page: int
     thp_zero_page_alloc: int
     pgfree: int
