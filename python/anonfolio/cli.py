@@ -492,7 +492,7 @@ def build_parser() -> ArgumentParser:
     k = sub.add_parser(
         "kernel-replay",
         help="replay a trace on the running kernel (root; sets and restores the THP knobs)",
-        description="Replays TRACE on this machine's Linux kernel, in this process, with the given THP knobs "
+        description="Replays TRACE on this machine's Linux kernel, in a child process, with the given THP knobs "
                     "(every size written explicitly, all restored afterwards), and prints what the kernel did.",
     )
     k.add_argument("trace", metavar="TRACE", help="trace file, or - for standard input")

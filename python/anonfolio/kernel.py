@@ -8,8 +8,9 @@ call what is here:
 - :func:`thp_settings` is a context manager that sets
   ``/sys/kernel/mm/transparent_hugepage/enabled``, ``use_zero_page`` and
   ``hugepages-*/enabled``, and always restores what it found.
-- :func:`kernel_replay` replays a trace on this machine's kernel (in this
-  process, by the native oracle) under a :class:`Config`'s knobs.
+- :func:`kernel_replay` replays a trace on this machine's kernel (in a
+  child process, by the native oracle: every operation of the trace format,
+  ``brk`` as the kernel's own) under a :class:`Config`'s knobs.
 - :func:`compare` lines a simulator result up with a kernel one, figure by
   figure, as ``validate`` prints them.
 
@@ -252,7 +253,9 @@ def kernel_replay(
     and ``settings``, the knobs applied.
 
     Raises:
-        TraceError, RangeError: a bad trace (also ValueError); the message names the line.
+        TraceError, RangeError: a bad trace, or a VMA operation the kernel
+            refused (also ValueError); the message names the line (and errno).
+        SegmentationFault: an access the kernel answers with SIGSEGV (``line``, ``address``).
         ConfigError: a bad size or mode (also ValueError).
         OracleError: the kernel could not run it (also OSError).
         OSError: the knobs could not be set (not root...).

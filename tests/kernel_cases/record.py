@@ -72,6 +72,15 @@ class Trace:
     def madvise(self, addr, length, advice):
         return self.add(f"madvise {addr:#x} {length:#x} {advice}")
 
+    def mprotect(self, addr, length, prot):
+        return self.add(f"mprotect {addr:#x} {length:#x} {prot}")
+
+    def mremap(self, old, old_len, new, new_len):
+        return self.add(f"mremap {old:#x} {old_len:#x} {new:#x} {new_len:#x}")
+
+    def brk(self, addr):
+        return self.add(f"brk {addr:#x}")
+
     def w(self, addr, thread=None):
         return self.add((f"@{thread} " if thread is not None else "") + f"w {addr:#x}")
 
@@ -99,8 +108,10 @@ def pages(start, length, step=1):
 CASES = []
 
 
-def case(name, top="madvise", **sizes):
-    """Registers a generator: ``sizes`` like ``s64kB="madvise"``."""
+def case(name, top="madvise", group="", **sizes):
+    """Registers a generator: ``sizes`` like ``s64kB="madvise"``. ``group``
+    names the expected file the case goes to (``expected-GROUP.json``; the
+    default: ``expected.json``)."""
     settings = {s: ("inherit" if s == "2048kB" else "never") for s in SIZES}
     extra8 = None
     for key, mode in sizes.items():
@@ -111,7 +122,8 @@ def case(name, top="madvise", **sizes):
             settings[size] = mode
 
     def deco(fn):
-        CASES.append({"name": name, "top": top, "settings": settings, "extra8": extra8, "make": fn})
+        CASES.append({"name": name, "top": top, "settings": settings, "extra8": extra8, "make": fn,
+                      "group": group})
         return fn
     return deco
 
@@ -730,6 +742,632 @@ case("random-mix-inherit", top="madvise", s32kB="inherit", s128kB="madvise", s20
 
 
 # ---------------------------------------------------------------------------
+# L. The operations real programs make (mprotect, mremap, brk, MADV_FREE,
+#    MADV_POPULATE_*, MAP_POPULATE, MAP_GROWSDOWN, MAP_NORESERVE, MAP_STACK,
+#    MADV_DONTFORK/DOFORK), alone and mixed with the others. These go to
+#    expected-ops7.json (see README.md).
+
+def ops7(name, **kw):
+    return case(name, group="ops7", **kw)
+
+
+@ops7("mprotect-r-middle-of-64k-folios", **only("64kB"))
+def _():
+    t = Trace("64kB: mprotect(r) of one 64 KiB folio's range in the middle of a faulted VMA, read it,\n"
+              "back to rw, write everything again: the exclusive folios' PTEs are made writable again (no fault)")
+    t.mmap(BASE, M, "hugepage").writes(pages(BASE, M))
+    t.mprotect(BASE + 0x10000, 0x10000, "r").reads(pages(BASE + 0x10000, 0x10000))
+    return t.mprotect(BASE + 0x10000, 0x10000, "rw").writes(pages(BASE, M))
+
+
+@ops7("mprotect-one-page-inside-64k-folio", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: mprotect(r) of one 4 KiB page inside a 64 KiB folio (3 VMAs, no split), the\n"
+              "neighbour still writable; back to rw and write it: no fault; then new faults beside")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 128 * K, 16))
+    t.mprotect(BASE + 0x5000, P, "r").r(BASE + 0x5000).w(BASE + 0x6000)
+    t.mprotect(BASE + 0x5000, P, "rw").w(BASE + 0x5000)
+    return t.writes(pages(BASE + 128 * K, 128 * K))
+
+
+@ops7("mprotect-none-then-rw-retouch", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: PROT_NONE over faulted 64 KiB folios and part of an untouched range, back to rw:\n"
+              "faulted pages stay mapped (no fault), the untouched ones fault in the merged VMA")
+    t.mmap(BASE, 512 * K, "hugepage").writes(pages(BASE, 128 * K, 4))
+    t.mprotect(BASE + 0x10000, 0x30000, "none").mprotect(BASE + 0x10000, 0x30000, "rw")
+    return t.writes(pages(BASE, 512 * K))
+
+
+@ops7("mprotect-read-only-zero-pages-then-rw-64k", **only("64kB"))
+def _():
+    t = Trace("64kB: a PROT_READ VMA read all over maps zero pages; after mprotect(rw) every write is an\n"
+              "order-0 copy of the zero page (do_wp_page), not a 64 KiB folio")
+    t.mmap(BASE, 128 * K, "hugepage", "prot=r").reads(pages(BASE, 128 * K))
+    return t.mprotect(BASE, 128 * K, "rw").writes(pages(BASE, 128 * K))
+
+
+@ops7("mprotect-huge-zero-then-rw-pmd", **only("2048kB"))
+def _():
+    t = Trace("2048kB: a PROT_READ 2 MiB VMA read all over maps the huge zero page (1 fault); after\n"
+              "mprotect(rw) a write allocates a PMD THP (do_huge_zero_wp_pmd)")
+    t.mmap(BASE, PMD, "hugepage", "prot=r").reads(pages(BASE, PMD, 8))
+    return t.mprotect(BASE, PMD, "rw").w(BASE + 0x1234).writes(pages(BASE, PMD, 64))
+
+
+@ops7("mprotect-one-page-splits-pmd-mapping", **only("2048kB"))
+def _():
+    t = Trace("2048kB: mprotect(r) of one page inside a PMD THP splits the PMD mapping (the folio stays);\n"
+              "back to rw every page is writable without a fault; the next PMD gets its own THP")
+    t.mmap(BASE, 2 * PMD, "hugepage").w(BASE)
+    t.mprotect(BASE + 0x40000, P, "r").r(BASE + 0x40000).mprotect(BASE + 0x40000, P, "rw")
+    return t.writes(pages(BASE, 2 * PMD, 16))
+
+
+@ops7("mprotect-reservation-rw-pieces", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: a PROT_NONE MAP_NORESERVE reservation made rw piece by piece (as allocators\n"
+              "do), advised and written: 64 KiB folios in a 256 KiB piece, a PMD THP in an aligned 2 MiB one")
+    t.mmap(BASE, 8 * M, "prot=none", "noreserve")
+    t.mprotect(BASE + 0x40000, 256 * K, "rw").madvise(BASE + 0x40000, 256 * K, "hugepage")
+    t.writes(pages(BASE + 0x40000, 256 * K))
+    t.mprotect(BASE + 2 * PMD, 2 * PMD, "rw").madvise(BASE + 2 * PMD, 2 * PMD, "hugepage")
+    return t.w(BASE + 2 * PMD + 0x777).writes(pages(BASE + 3 * PMD, PMD, 128))
+
+
+@ops7("mprotect-splits-vma-bounds-orders", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: mprotect(r) of 16 KiB inside an untouched advised VMA, off 64 KiB alignment:\n"
+              "the 64 KiB windows that cross the new VMA boundaries fall back to 16 KiB")
+    t.mmap(BASE, 256 * K, "hugepage").mprotect(BASE + 0x24000, 0x4000, "r")
+    return t.writes(pages(BASE, 0x24000)).writes(pages(BASE + 0x28000, 256 * K - 0x28000))
+
+
+@ops7("mprotect-merge-back-before-touch-64k", **only("64kB"))
+def _():
+    t = Trace("64kB: mprotect(r) and back to rw before any touch: the VMAs merge again and every\n"
+              "window gets a 64 KiB folio")
+    t.mmap(BASE, 512 * K, "hugepage").mprotect(BASE + 0x8000, 0x10000, "r")
+    t.mprotect(BASE + 0x8000, 0x10000, "rw")
+    return t.writes(pages(BASE, 512 * K))
+
+
+@ops7("mremap-move-aligned-64k", **only("64kB"))
+def _():
+    t = Trace("64kB: mremap (MREMAP_FIXED) of 256 KiB of 64 KiB folios to an equally aligned place:\n"
+              "PTEs and folios move (move_ptes), nothing faults again")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    t.mremap(BASE, 256 * K, BASE + 4 * M, 256 * K)
+    return t.writes(pages(BASE + 4 * M, 256 * K))
+
+
+@ops7("mremap-move-misaligned-then-grow", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: move 256 KiB of 64 KiB folios 4 KiB past alignment (folios stay large), grow it\n"
+              "in place by 60 KiB and write the new pages: the window holding a moved page refuses 64 KiB")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    dst = BASE + 4 * M + P
+    t.mremap(BASE, 256 * K, dst, 256 * K).mremap(dst, 256 * K, dst, 256 * K + 60 * K)
+    return t.writes(pages(dst, 256 * K + 60 * K))
+
+
+@ops7("mremap-move-pmd-aligned", **only("2048kB"))
+def _():
+    t = Trace("2048kB: a PMD THP moved to another 2 MiB boundary stays PMD-mapped (move_huge_pmd)")
+    t.mmap(BASE, PMD, "hugepage").w(BASE)
+    t.mremap(BASE, PMD, BASE + 4 * M, PMD)
+    return t.writes(pages(BASE + 4 * M, PMD, 32))
+
+
+@ops7("mremap-move-pmd-misaligned", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: a PMD THP moved 4 KiB past a 2 MiB boundary: the PMD is split, the folio\n"
+              "stays order 9 PTE-mapped; nothing faults again; then a 64 KiB neighbour")
+    t.mmap(BASE, PMD, "hugepage").w(BASE)
+    dst = BASE + 4 * M + P
+    t.mremap(BASE, PMD, dst, PMD).writes(pages(dst, PMD, 16))
+    return t.mmap(dst + PMD, 256 * K, "hugepage").writes(pages(dst + PMD, 256 * K))
+
+
+@ops7("mremap-grow-in-place-pmd", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: 64 KiB written at a 2 MiB boundary, grown in place to 4 MiB: the first PMD\n"
+              "has a PTE table (64 KiB folios), the second gets a PMD THP")
+    t.mmap(BASE, 64 * K, "hugepage").writes(pages(BASE, 64 * K))
+    t.mremap(BASE, 64 * K, BASE, 4 * M)
+    return t.writes(pages(BASE, 4 * M))
+
+
+@ops7("mremap-shrink-cuts-64k-folio", **only("64kB"))
+def _():
+    t = Trace("64kB: shrink 256 KiB of 64 KiB folios in place to 0x13000: the cut folio goes to the\n"
+              "deferred split queue (partially mapped), two whole ones are freed")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    return t.mremap(BASE, 256 * K, BASE, 0x13000).writes(pages(BASE, 0x13000))
+
+
+@ops7("mremap-shrink-pmd", **only("2048kB"))
+def _():
+    t = Trace("2048kB: shrink a PMD THP's VMA from 2 MiB to 1 MiB + 4 KiB: split PMD, deferred split")
+    t.mmap(BASE, PMD, "hugepage").w(BASE)
+    return t.mremap(BASE, PMD, BASE, M + P).writes(pages(BASE, M + P, 8))
+
+
+@ops7("mremap-move-onto-populated-vma", **only("64kB"))
+def _():
+    t = Trace("64kB: MREMAP_FIXED of 64 KiB into the middle of a populated 128 KiB VMA of 64 KiB folios:\n"
+              "the target is unmapped first (two folios cut: deferred split)")
+    t.mmap(BASE, 128 * K, "hugepage").writes(pages(BASE, 128 * K))
+    t.mmap(BASE + M, 64 * K, "hugepage").writes(pages(BASE + M, 64 * K))
+    return t.mremap(BASE + M, 64 * K, BASE + 0x8000, 64 * K).writes(pages(BASE, 128 * K))
+
+
+@ops7("mremap-move-upper-part-and-back", **only("64kB"))
+def _():
+    t = Trace("64kB: move the upper part of a VMA (cutting a 64 KiB folio: no split), write it, move it\n"
+              "back: the VMAs merge again and nothing faults")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    t.mremap(BASE + 0x18000, 0x28000, BASE + 4 * M, 0x28000).writes(pages(BASE + 4 * M, 0x28000))
+    t.mremap(BASE + 4 * M, 0x28000, BASE + 0x18000, 0x28000)
+    return t.writes(pages(BASE, 256 * K))
+
+
+@ops7("mremap-move-and-grow", **only("64kB"))
+def _():
+    t = Trace("64kB: move and grow 64 KiB to 256 KiB: the moved folio stays, the new 192 KiB faults as usual")
+    t.mmap(BASE, 64 * K, "hugepage").writes(pages(BASE, 64 * K))
+    t.mremap(BASE, 64 * K, BASE + 4 * M, 256 * K)
+    return t.writes(pages(BASE + 4 * M, 256 * K))
+
+
+@ops7("mremap-move-unfaulted-merges", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: an unfaulted advised VMA moved right after a faulted one merges with it (copy_vma\n"
+              "gives it the new pgoff); the windows across the old boundary then get 64 KiB")
+    t.mmap(BASE, 0x18000, "hugepage").w(BASE)
+    t.mmap(BASE + 4 * M, 0x28000, "hugepage")
+    t.mremap(BASE + 4 * M, 0x28000, BASE + 0x18000, 0x28000)
+    return t.writes(pages(BASE, 256 * K))
+
+
+@ops7("brk-grow-order0")
+def _():
+    t = Trace("default knobs: brk grows the heap by 1 MiB + 100 bytes; unadvised, every write is an\n"
+              "order-0 fault")
+    t.brk(BASE).brk(BASE + M + 100)
+    return t.writes(pages(BASE, M + 100, 16)).w(BASE + M + 99)
+
+
+@ops7("brk-hugepage-advice-64k", **only("64kB"))
+def _():
+    t = Trace("64kB: the heap advised with MADV_HUGEPAGE gets 64 KiB folios like any VMA (bounded by\n"
+              "start_brk and the rounded-up break)")
+    t.brk(BASE + 0x3000).brk(BASE + 0x3000 + 300 * K + 17)
+    t.madvise(BASE + 0x3000, 300 * K + 4 * K, "hugepage")
+    return t.writes(pages(BASE + 0x3000, 304 * K))
+
+
+@ops7("brk-grow-after-advice-new-vma", **only("64kB"))
+def _():
+    t = Trace("64kB: after MADV_HUGEPAGE on the heap, growing it makes a second VMA without the advice\n"
+              "(flags differ: do_brk_flags cannot expand): its faults are order 0")
+    t.brk(BASE).brk(BASE + 256 * K).madvise(BASE, 256 * K, "hugepage")
+    t.writes(pages(BASE, 256 * K)).brk(BASE + 512 * K)
+    return t.writes(pages(BASE + 256 * K, 256 * K))
+
+
+@ops7("brk-shrink-inside-64k-folio", **only("64kB"))
+def _():
+    t = Trace("64kB: shrink the break into a 64 KiB folio (4 pages kept), three whole folios above freed:\n"
+              "deferred split of the cut one; the kept pages stay mapped; grow again and write")
+    t.brk(BASE).brk(BASE + 256 * K).madvise(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    t.brk(BASE + 0x3800).writes(pages(BASE, 0x4000))
+    return t.brk(BASE + 0x14000).writes(pages(BASE + 0x4000, 0x10000))
+
+
+@ops7("brk-below-mmap-never-merges", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: an advised rw mmap ends at start_brk; brk makes the heap a VMA of its own\n"
+              "(never merged with what lies below start_brk); the heap is then advised (madvise may merge)\n"
+              "and both are written across the boundary, which is not 64 KiB aligned")
+    sb = BASE + 0x28000
+    t.mmap(BASE, 0x28000, "hugepage").brk(sb).brk(sb + 0x38000)
+    t.madvise(sb, 0x38000, "hugepage")
+    return t.writes(pages(BASE, 0x60000))
+
+
+@ops7("brk-pmd-heap", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: a heap starting on a 2 MiB boundary grown by 4 MiB and advised: PMD THPs")
+    t.brk(BASE).brk(BASE + 4 * M + 5).madvise(BASE, 4 * M + P, "hugepage")
+    return t.writes(pages(BASE, 4 * M + P, 64))
+
+
+@ops7("brk-shrink-to-start-then-regrow", **only("64kB"))
+def _():
+    t = Trace("64kB: grow, advise and write the heap, shrink it to nothing (the VMA is removed), grow it\n"
+              "again: the new heap has no advice (order 0)")
+    t.brk(BASE + 0x10000).brk(BASE + 0x30000).madvise(BASE + 0x10000, 0x20000, "hugepage")
+    t.writes(pages(BASE + 0x10000, 0x20000)).brk(BASE + 0x10000).brk(BASE + 0x30000)
+    return t.writes(pages(BASE + 0x10000, 0x20000))
+
+
+@ops7("brk-mmap-above-merges-into-heap", **only("64kB"))
+def _():
+    t = Trace("64kB: an advised rw mmap placed right above the heap's rounded-up break, then the heap\n"
+              "advised: the mmap merges with the heap; writes across the boundary")
+    t.brk(BASE).brk(BASE + 0x18000).mmap(BASE + 0x18000, 0x28000, "hugepage")
+    t.madvise(BASE, 0x18000, "hugepage")
+    return t.writes(pages(BASE, 0x40000))
+
+
+@ops7("free-whole-64k-folios-rewrite", **only("64kB"))
+def _():
+    t = Trace("64kB: MADV_FREE of 256 KiB covering four 64 KiB folios: no split, pages stay mapped,\n"
+              "rewriting them faults nothing (no memory pressure)")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    t.madvise(BASE, 256 * K, "free")
+    return t.writes(pages(BASE, 256 * K)).reads(pages(BASE, 256 * K))
+
+
+@ops7("free-half-of-two-64k-folios", **only("64kB"))
+def _():
+    t = Trace("64kB: MADV_FREE of +0x8000..+0x18000 (half of two 64 KiB folios): both are split to order 0;\n"
+              "writes to the freed pages fault nothing")
+    t.mmap(BASE, 256 * K, "hugepage").writes(pages(BASE, 256 * K))
+    t.madvise(BASE + 0x8000, 0x10000, "free")
+    return t.writes(pages(BASE + 0x8000, 0x10000)).writes(pages(BASE, 256 * K))
+
+
+@ops7("free-one-page-in-64k", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: MADV_FREE of one page inside a 64 KiB folio splits it; then DONTNEED of the\n"
+              "split range and new faults there (order 0 beside the remaining pages)")
+    t.mmap(BASE, 128 * K, "hugepage").writes(pages(BASE, 128 * K))
+    t.madvise(BASE + 0x3000, P, "free").madvise(BASE + 0x4000, 0x8000, "dontneed")
+    return t.writes(pages(BASE, 128 * K))
+
+
+@ops7("free-whole-pmd", **only("2048kB"))
+def _():
+    t = Trace("2048kB: MADV_FREE of a whole PMD THP keeps it PMD-mapped; rewriting faults nothing")
+    t.mmap(BASE, PMD, "hugepage").w(BASE)
+    return t.madvise(BASE, PMD, "free").writes(pages(BASE, PMD, 16))
+
+
+@ops7("free-part-of-pmd", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: MADV_FREE of the first 64 KiB of a PMD THP splits the PMD and the folio to\n"
+              "order 0; writes there fault nothing")
+    t.mmap(BASE, 2 * PMD, "hugepage").w(BASE)
+    t.madvise(BASE, 64 * K, "free")
+    return t.writes(pages(BASE, 128 * K)).writes(pages(BASE + PMD, 256 * K))
+
+
+@ops7("free-split-unwritten-pages-to-zero-page", **only("16kB", "64kB", "2048kB"))
+def _():
+    t = Trace("16kB+64kB+2048kB: folios written once each (one byte: the other pages hold zeroes), then\n"
+              "MADV_FREE of part of them: the split maps the zero-filled pages to the shared zero page\n"
+              "(try_to_map_unused_to_zeropage), so writing them faults (a copy), the written ones do not")
+    t.mmap(BASE, PMD, "hugepage").w(BASE)
+    t.mmap(BASE + PMD, 256 * K, "hugepage").writes(pages(BASE + PMD, 256 * K, 16))
+    t.madvise(BASE + 0x8000, 0x10000, "free").madvise(BASE + PMD + 0x8000, 0x10000, "free")
+    return t.writes(pages(BASE, 128 * K)).writes(pages(BASE + PMD, 128 * K))
+
+
+@ops7("free-zero-pages-then-write", **only("64kB"))
+def _():
+    t = Trace("64kB: MADV_FREE of zero-page PTEs and never-touched pages changes nothing; the writes then\n"
+              "copy the zero pages (order 0) and fault 64 KiB folios where nothing was mapped")
+    t.mmap(BASE, 256 * K, "hugepage").reads(pages(BASE, 128 * K))
+    return t.madvise(BASE, 256 * K, "free").writes(pages(BASE, 256 * K))
+
+
+@ops7("populate-write-64k", **only("64kB"))
+def _():
+    t = Trace("64kB: MADV_POPULATE_WRITE of 256 KiB faults 64 KiB folios through GUP (each counted as a\n"
+              "fault); the writes afterwards fault nothing; a second populate does nothing")
+    t.mmap(BASE, 256 * K, "hugepage").madvise(BASE, 256 * K, "populate_write")
+    return t.writes(pages(BASE, 256 * K)).madvise(BASE, 256 * K, "populate_write")
+
+
+@ops7("populate-read-then-write-64k", **only("64kB"))
+def _():
+    t = Trace("64kB: MADV_POPULATE_READ maps zero pages (one fault per page, no folio); populate_write\n"
+              "over them copies each at order 0")
+    t.mmap(BASE, 256 * K, "hugepage").madvise(BASE, 256 * K, "populate_read")
+    return t.madvise(BASE, 256 * K, "populate_write").writes(pages(BASE, 256 * K, 4))
+
+
+@ops7("populate-read-pmd-huge-zero-then-write", **only("2048kB"))
+def _():
+    t = Trace("2048kB: MADV_POPULATE_READ of an aligned 2 MiB maps the huge zero page (1 fault); a write\n"
+              "then allocates a PMD THP")
+    t.mmap(BASE, PMD, "hugepage").madvise(BASE, PMD, "populate_read")
+    return t.w(BASE + 0x5000).writes(pages(BASE, PMD, 32))
+
+
+@ops7("populate-write-pmd", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: MADV_POPULATE_WRITE of 2 MiB + 256 KiB from a 2 MiB boundary: one PMD THP,\n"
+              "then 64 KiB folios")
+    t.mmap(BASE, PMD + 256 * K, "hugepage").madvise(BASE, PMD + 256 * K, "populate_write")
+    return t.writes(pages(BASE, PMD + 256 * K, 8))
+
+
+@ops7("populate-mmap-then-advise", **only("64kB"))
+def _():
+    t = Trace("64kB: MAP_POPULATE of 256 KiB faults before any advice (order 0, one fault per page); the\n"
+              "advice afterwards changes nothing for pages already there; the rest of the VMA gets 64 KiB")
+    t.mmap(BASE, 256 * K, "populate").madvise(BASE, 512 * K, "hugepage")
+    t.mmap(BASE + 256 * K, 256 * K, "hugepage")
+    return t.writes(pages(BASE, 512 * K))
+
+
+@ops7("populate-mmap-read-only", **only("64kB"))
+def _():
+    t = Trace("64kB: MAP_POPULATE of a PROT_READ mapping maps zero pages (read faults); mprotect(rw) and\n"
+              "writes copy them at order 0")
+    t.mmap(BASE, 128 * K, "prot=r", "populate", "hugepage").reads(pages(BASE, 128 * K))
+    return t.mprotect(BASE, 128 * K, "rw").writes(pages(BASE, 128 * K, 2))
+
+
+@ops7("populate-write-stops-at-hole", **only("64kB"))
+def _():
+    t = Trace("64kB: MADV_POPULATE_WRITE over a range with a hole populates up to the hole and stops\n"
+              "(ENOMEM); the VMA after the hole faults on its writes")
+    t.mmap(BASE, 128 * K, "hugepage").mmap(BASE + 192 * K, 128 * K, "hugepage")
+    t.madvise(BASE, 320 * K, "populate_write")
+    return t.writes(pages(BASE, 128 * K)).writes(pages(BASE + 192 * K, 128 * K))
+
+
+@ops7("growsdown-page-by-page", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: an advised MAP_GROWSDOWN stack written one page at a time downward: each fault\n"
+              "grows it to exactly that page, so every fault is order 0")
+    top = BASE + 4 * M
+    t.mmap(top - 64 * K, 64 * K, "growsdown", "hugepage").writes(reversed(pages(top - 64 * K, 64 * K)))
+    return t.writes(p - 64 * K for p in reversed(pages(top - 64 * K, 128 * K)))
+
+
+@ops7("growsdown-jump-aligned-64k", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: a write at a 64 KiB-aligned address well below an advised stack grows it there\n"
+              "and gets a 64 KiB folio (the window starts at the new vm_start); then the pages between")
+    top = BASE + 4 * M
+    t.mmap(top - 64 * K, 64 * K, "growsdown", "hugepage").w(top - 4 * K)
+    t.w(top - 512 * K)
+    return t.writes(pages(top - 512 * K, 448 * K, 3))
+
+
+@ops7("growsdown-jump-pmd", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: a write at a 2 MiB boundary 4 MiB below an advised stack grows it and maps a\n"
+              "PMD THP at once")
+    top = BASE + 6 * M + 64 * K
+    t.mmap(top - 64 * K, 64 * K, "growsdown", "hugepage").w(top - P)
+    return t.w(BASE).writes(pages(BASE, PMD, 64)).writes(pages(BASE + PMD, 256 * K))
+
+
+@ops7("growsdown-misaligned-jump-then-fill", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: a write 1 MiB below the stack at 64 KiB-aligned + 0x3000 (order 0), then the\n"
+              "252 pages between: 16 KiB folios beside it, 64 KiB ones further up")
+    top = BASE + 4 * M
+    t.mmap(top, 64 * K, "growsdown", "hugepage").w(top)
+    low = top - M + 0x3000
+    return t.w(low).writes(pages(low + P, top - low - P))
+
+
+@ops7("growsdown-beside-prot-none", **only("64kB"))
+def _():
+    t = Trace("64kB: below the stack a PROT_NONE VMA (a guard, not accessible): no guard gap, the stack\n"
+              "grows up to it")
+    top = BASE + 2 * M
+    t.mmap(BASE, PMD - 256 * K, "prot=none")
+    t.mmap(top, 64 * K, "growsdown", "hugepage")
+    return t.writes(reversed(pages(top - 256 * K, 256 * K, 4))).w(top - 256 * K)
+
+
+@ops7("flags-noreserve-beside-plain-no-merge", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: a MAP_NORESERVE VMA right after a plain one does not merge with it (VM_ACCOUNT\n"
+              "differs); the 64 KiB window across their boundary falls back to 16 KiB")
+    t.mmap(BASE, 0x18000, "hugepage").mmap(BASE + 0x18000, 0x28000, "hugepage", "noreserve")
+    return t.writes(pages(BASE, 0x40000))
+
+
+@ops7("flags-noreserve-pair-merges", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: two adjacent MAP_NORESERVE VMAs merge: 64 KiB folios across their boundary")
+    t.mmap(BASE, 0x18000, "hugepage", "noreserve").mmap(BASE + 0x18000, 0x28000, "hugepage", "noreserve")
+    return t.writes(pages(BASE, 0x40000))
+
+
+@ops7("flags-stack-is-nohugepage", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: MAP_STACK is VM_NOHUGEPAGE: unadvised it faults order 0, beside a plain VMA it\n"
+              "does not merge; advised (MADV_HUGEPAGE clears VM_NOHUGEPAGE) it gets 64 KiB folios")
+    t.mmap(BASE, 0x18000, "hugepage").mmap(BASE + 0x18000, 0x28000, "stack")
+    t.writes(pages(BASE, 0x40000))
+    t.mmap(BASE + M, 256 * K, "stack").madvise(BASE + M, 256 * K, "hugepage")
+    return t.writes(pages(BASE + M, 256 * K))
+
+
+@ops7("flags-dontfork-splits-and-dofork-merges", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: MADV_DONTFORK of 16 KiB inside an untouched advised VMA splits it (VM_DONTCOPY):\n"
+              "windows across the split fall back; MADV_DOFORK merges it back before the rest is written")
+    t.mmap(BASE, 512 * K, "hugepage").madvise(BASE + 0x24000, 0x4000, "dontfork")
+    t.writes(pages(BASE, 128 * K))
+    t.madvise(BASE + 0x24000, 0x4000, "dofork")
+    return t.writes(pages(BASE + 128 * K, 384 * K))
+
+
+@ops7("flags-growsdown-noreserve-stack-orders", **only("64kB"))
+def _():
+    t = Trace("64kB: MAP_NORESERVE, MAP_STACK+MADV_HUGEPAGE and MAP_GROWSDOWN VMAs, each advised, get\n"
+              "the same 64 KiB folios as a plain one")
+    for i, flags in enumerate([("noreserve",), ("stack",), ("growsdown",)]):
+        a = BASE + i * PMD
+        t.mmap(a, 256 * K, *flags).madvise(a, 256 * K, "hugepage").writes(pages(a, 256 * K))
+    return t
+
+
+@ops7("mixed-mprotect-dontneed-munmap-64k-pmd", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: a PMD THP and 64 KiB folios; mprotect(r) a piece, DONTNEED across the r/rw\n"
+              "boundary, munmap part, mprotect back and retouch")
+    t.mmap(BASE, 2 * PMD, "hugepage").w(BASE).writes(pages(BASE + PMD, 512 * K, 16))
+    t.mprotect(BASE + PMD + 0x20000, 0x20000, "r")
+    t.madvise(BASE + PMD + 0x10000, 0x20000, "dontneed").munmap(BASE + 0x100000, 0x10000)
+    t.mprotect(BASE + PMD + 0x20000, 0x20000, "rw")
+    return t.writes(pages(BASE + PMD, 512 * K)).writes(pages(BASE + 0x0F0000, 0x10000))
+
+
+@ops7("mixed-threads-mremap-barrier", **only("64kB"))
+def _():
+    t = Trace("64kB: thread 0 maps and moves, thread 1 writes before and after the move (VMA operations\n"
+              "are barriers); the moved pages do not fault again")
+    t.mmap(BASE, 512 * K, "hugepage")
+    for a in pages(BASE, 256 * K):
+        t.w(a, thread=1).w(a + 256 * K, thread=0)
+    t.add(f"@0 mremap {BASE:#x} {512 * K:#x} {BASE + 4 * M:#x} {512 * K:#x}")
+    for a in pages(BASE + 4 * M, 512 * K, 2):
+        t.w(a, thread=1)
+    return t
+
+
+@ops7("mixed-brk-free-mremap", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: a heap grown and advised, MADV_FREE of part of it, a realloc-like mremap of an\n"
+              "mmap'd block that grows by moving, and the heap shrunk")
+    t.brk(BASE).brk(BASE + 512 * K).madvise(BASE, 512 * K, "hugepage").writes(pages(BASE, 512 * K, 2))
+    t.madvise(BASE + 0x6000, 0x20000, "free").writes(pages(BASE, 256 * K))
+    t.mmap(BASE + 4 * M, 128 * K, "hugepage").writes(pages(BASE + 4 * M, 128 * K))
+    t.mremap(BASE + 4 * M, 128 * K, BASE + 6 * M, 384 * K).writes(pages(BASE + 6 * M, 384 * K))
+    return t.brk(BASE + 0x9000).writes(pages(BASE, 0x9000))
+
+
+@ops7("mixed-populate-mprotect-threads", **only("64kB", "2048kB"))
+def _():
+    t = Trace("64kB+2048kB: populate_write by thread 0, mprotect(r) of part, threads read and write the\n"
+              "rest; populate_read of a second VMA, then mprotect(rw) and writes by thread 1")
+    t.mmap(BASE, 512 * K, "hugepage").add(f"@0 madvise {BASE:#x} {256 * K:#x} populate_write")
+    t.mprotect(BASE, 64 * K, "r")
+    for a in pages(BASE + 64 * K, 448 * K, 2):
+        t.w(a, thread=1).r(a - 64 * K + P, thread=0)
+    t.mmap(BASE + PMD, PMD, "hugepage", "prot=r").madvise(BASE + PMD, PMD, "populate_read")
+    t.mprotect(BASE + PMD, PMD, "rw")
+    return t.writes(pages(BASE + PMD, PMD, 128))
+
+
+@ops7("mixed-growsdown-mprotect-split", **only("16kB", "64kB"))
+def _():
+    t = Trace("16kB+64kB: a page near the bottom of a written stack made read-only splits the VMA (both\n"
+              "pieces keep VM_GROWSDOWN); the stack still grows below, page by page and by a jump")
+    top = BASE + 4 * M
+    t.mmap(top - 64 * K, 64 * K, "growsdown", "hugepage").writes(pages(top - 64 * K, 64 * K))
+    t.mprotect(top - 60 * K, P, "r").r(top - 60 * K)
+    t.writes(reversed(pages(top - 128 * K, 64 * K)))
+    return t.w(top - 512 * K).writes(pages(top - 512 * K, 384 * K, 2))
+
+
+def _random_mix7(seed, window=8 * M, nops=300):
+    """A seeded random mix of the new operations (mprotect, mremap moves,
+    MADV_FREE, populate, noreserve/stack mmaps) with the old ones over a
+    window, valid by construction: accesses only hit pages whose protection
+    allows them."""
+    rng = random.Random(seed)
+    npages = window // P
+    prot = [None] * npages  # None: unmapped; else "rw" / "r" / "none"
+    t = Trace(f"seeded ({seed}) random mix of mmap/munmap/mprotect/mremap/madvise (free, populate) and\n"
+              f"accesses over {window >> 20} MiB")
+
+    def runs(pred):
+        out, i = [], 0
+        while i < npages:
+            if pred(prot[i]):
+                j = i
+                while j < npages and pred(prot[j]):
+                    j += 1
+                out.append((i, j))
+                i = j
+            else:
+                i += 1
+        return out
+
+    for _ in range(nops):
+        kind = rng.random()
+        holes, vmas = runs(lambda p: p is None), runs(lambda p: p is not None)
+        rw = runs(lambda p: p == "rw")
+        if (kind < 0.08 or not vmas) and holes:
+            lo, hi = rng.choice(holes)
+            a = rng.randrange(lo, hi)
+            n = rng.randint(1, min(hi - a, 512))
+            flags = [rng.choice(["hugepage"] * 5 + ["", "nohugepage"])]
+            flags += [rng.choice(["", "", "", "noreserve", "stack"])]
+            t.mmap(BASE + a * P, n * P, *[f for f in flags if f])
+            for i in range(a, a + n):
+                prot[i] = "rw"
+        elif kind < 0.11 and vmas:
+            a = rng.randrange(npages)
+            n = rng.randint(1, min(npages - a, 128))
+            t.munmap(BASE + a * P, n * P)
+            for i in range(a, a + n):
+                prot[i] = None
+        elif kind < 0.17 and vmas:
+            lo, hi = rng.choice(vmas)
+            a = rng.randrange(lo, hi)
+            n = rng.randint(1, min(hi - a, 64))
+            p = rng.choice(["rw", "rw", "r", "none"])
+            t.mprotect(BASE + a * P, n * P, p)
+            for i in range(a, a + n):
+                prot[i] = p
+        elif kind < 0.21 and vmas and holes:
+            # Move a whole run of mapped pages (maybe several VMAs) into a hole that fits it.
+            lo, hi = rng.choice(vmas)
+            n = hi - lo
+            fits = [(s, e) for s, e in holes if e - s >= n]
+            if not fits:
+                continue
+            s, e = rng.choice(fits)
+            d = rng.randrange(s, e - n + 1)
+            t.mremap(BASE + lo * P, n * P, BASE + d * P, n * P)
+            moved = prot[lo:hi]
+            for i in range(lo, hi):
+                prot[i] = None
+            for k, v in enumerate(moved):
+                prot[d + k] = v
+        elif kind < 0.30 and rw:
+            lo, hi = rng.choice(rw)
+            a = rng.randrange(lo, hi)
+            n = rng.randint(1, hi - a)
+            t.madvise(BASE + a * P, n * P, rng.choice(["dontneed", "free", "free", "hugepage", "nohugepage",
+                                                       "populate_write", "populate_read", "dontfork", "dofork"]))
+        else:
+            readable = runs(lambda p: p in ("rw", "r"))
+            if not readable:
+                continue
+            lo, hi = rng.choice(readable)
+            a = rng.randrange(lo, hi)
+            n = rng.randint(1, min(hi - a, 48))
+            for i in range(a, a + n, rng.choice([1, 1, 2, 5])):
+                if prot[i] == "rw" and rng.random() < 0.8:
+                    t.w(BASE + i * P + rng.randrange(P))
+                else:
+                    t.r(BASE + i * P + rng.randrange(P))
+    return t
+
+
+ops7("mixed-random-64k-pmd", **only("64kB", "2048kB"))(lambda: _random_mix7(11))
+ops7("mixed-random-16k-64k-256k", **only("16kB", "64kB", "256kB"))(lambda: _random_mix7(12))
+ops7("mixed-random-all-sizes", **only(*SIZES))(lambda: _random_mix7(13, window=6 * M, nops=400))
+ops7("mixed-random-inherit", top="madvise", s32kB="inherit", s128kB="madvise", s2048kB="inherit")(
+    lambda: _random_mix7(14))
+
+
+# ---------------------------------------------------------------------------
 # The shared kernel examples, re-recorded
 
 
@@ -833,12 +1471,29 @@ def record_one(c, text, runs):
     return json.loads(key), extra, run["kernel"]
 
 
+def record_twice(c, text):
+    """Records a case exactly twice. Returns the figures, the extra
+    information, the kernel release and, if the second recording disagreed,
+    its figures (the case is then left out)."""
+    from anonfolio.kernel import kernel_replay
+
+    thp = dict(c["settings"])
+    runs = [kernel_replay(text, thp_enabled=c["top"], thp=thp) for _ in range(2)]
+    figs = [figures(r) for r in runs]
+    run = runs[0]
+    extra = {"vmstat": {k: v for k, v in run["vmstat"].items() if v},
+             "anon_huge_bytes": run.get("anon_huge_bytes", 0),
+             "agreeing_runs": 2 if figs[0] == figs[1] else 1, "runs": 2}
+    return figs[0], extra, run["kernel"], (None if figs[0] == figs[1] else figs[1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", metavar="NAME", help="record only these cases (others keep their figures)")
     ap.add_argument("--runs", type=int, default=5, help="at most this many runs per case (default 5)")
     ap.add_argument("--traces-only", action="store_true", help="write the traces, record nothing")
     ap.add_argument("--list", action="store_true", help="list the cases")
+    ap.add_argument("--group", help="only the cases of this group (e.g. ops7: expected-ops7.json)")
     opts = ap.parse_args(argv)
 
     cases = shared_cases() + regression_cases()
@@ -849,6 +1504,11 @@ def main(argv=None) -> int:
     dup = [n for n, k in collections.Counter(names).items() if k > 1]
     if dup:
         raise SystemExit(f"duplicate case names: {dup}")
+    if opts.group is not None:
+        cases = [c for c in cases if c.get("group", "") == opts.group]
+        if not cases:
+            print(f"record.py: no case in group {opts.group!r}", file=sys.stderr)
+            return 2
     if opts.list:
         for c in cases:
             print(c["name"])
@@ -876,28 +1536,44 @@ def main(argv=None) -> int:
         print(f"record.py: cannot set the THP knobs: {why}", file=sys.stderr)
         return 1
 
-    out_path = HERE / "expected.json"
-    old = {}
-    if out_path.exists():
-        old = {e["name"]: e for e in json.loads(out_path.read_text()).get("examples", [])}
-    examples = []
-    release = None
+    by_group = collections.defaultdict(list)
     for c in cases:
-        entry = {"name": c["name"], "trace": f"{c['name']}.trace", "args": args_for(c),
-                 "description": c.get("description", "")}
-        if opts.only and c["name"] not in opts.only and c["name"] in old:
-            examples.append({**old[c["name"]], **entry})
-            continue
-        fig, extra, release = record_one(c, c["text"], opts.runs)
-        entry["kernel"] = fig
-        entry["kernel_extra"] = extra
-        examples.append(entry)
-        flag = "" if extra["agreeing_runs"] >= 2 else "  (UNSTABLE: no two runs agreed)"
-        print(f"{c['name']:<36} faults={fig['faults']:<6} rss={fig['rss_bytes']:<9} "
-              f"{ {s: v['anon_fault_alloc'] for s, v in fig['mthp'].items()} }{flag}")
-    data = {"kernel": release or os.uname().release, "examples": examples}
-    out_path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"recorded {len(examples)} cases in {out_path}")
+        by_group[c.get("group", "")].append(c)
+    disagreed = []
+    for group, members in by_group.items():
+        out_path = HERE / (f"expected-{group}.json" if group else "expected.json")
+        old = {}
+        if out_path.exists():
+            old = {e["name"]: e for e in json.loads(out_path.read_text()).get("examples", [])}
+        examples = []
+        release = None
+        for c in members:
+            entry = {"name": c["name"], "trace": f"{c['name']}.trace", "args": args_for(c),
+                     "description": c.get("description", "")}
+            if opts.only and c["name"] not in opts.only:
+                if c["name"] in old:
+                    examples.append({**old[c["name"]], **entry})
+                continue
+            if group:
+                # New groups: exactly two recordings, kept only if they agree.
+                fig, extra, release, other = record_twice(c, c["text"])
+                if other is not None:
+                    disagreed.append(c["name"])
+                    print(f"{c['name']:<40} DISAGREE (dropped): {json.dumps(fig)} vs {json.dumps(other)}")
+                    continue
+            else:
+                fig, extra, release = record_one(c, c["text"], opts.runs)
+            entry["kernel"] = fig
+            entry["kernel_extra"] = extra
+            examples.append(entry)
+            flag = "" if extra["agreeing_runs"] >= 2 else "  (UNSTABLE: no two runs agreed)"
+            print(f"{c['name']:<40} faults={fig['faults']:<6} rss={fig['rss_bytes']:<9} "
+                  f"{ {s: v['anon_fault_alloc'] for s, v in fig['mthp'].items()} }{flag}")
+        data = {"kernel": release or os.uname().release, "examples": examples}
+        out_path.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"recorded {len(examples)} cases in {out_path}")
+    if disagreed:
+        print(f"{len(disagreed)} case(s) whose two recordings disagreed were left out: {', '.join(disagreed)}")
     return 0
 
 

@@ -5,7 +5,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::errors::{guard, to_pyerr};
+use crate::errors::{guard, new_err, to_pyerr, Kind};
 
 /// kernel_replay(trace_text: str) -> dict
 ///
@@ -14,10 +14,12 @@ use crate::errors::{guard, to_pyerr};
 /// `faults`, `rss_bytes`, `anon_huge_bytes`, `elapsed_s`,
 /// `mthp` ({size: {counter: delta}}), `vmstat` ({name: delta}), `kernel`
 /// (the release) and `harness_faults` (the overhead subtracted from faults).
-/// A trace that does not parse, or that touches memory outside its own
-/// mappings, raises ValueError (TraceError/RangeError) naming the line; an
-/// oracle failure (a syscall the kernel refused, no userfaultfd) raises
-/// OSError (OracleError). The GIL is released during the replay.
+/// A trace that does not parse raises ValueError (TraceError/RangeError)
+/// naming the line, and so does a VMA operation the kernel refused (RangeError,
+/// errno named); an access the kernel answers with SIGSEGV raises
+/// SegmentationFault (`line`, `address`); an oracle failure (no
+/// userfaultfd, a syscall of the harness refused) raises OSError
+/// (OracleError). The GIL is released during the replay.
 #[cfg(target_os = "linux")]
 #[pyfunction]
 #[pyo3(name = "kernel_replay", signature = (trace_text))]
@@ -26,7 +28,7 @@ fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'p
     let run = py
         .allow_threads(|| guard(|| anonfolio_oracle::kernel_replay(&ops)))
         .map_err(|p| p.into_pyerr(py))?
-        .map_err(|e| to_pyerr(py, &oracle_error(e)))?;
+        .map_err(|e| oracle_pyerr(py, e))?;
     let d = PyDict::new(py);
     d.set_item("faults", run.faults)?;
     d.set_item("rss_bytes", run.rss_bytes)?;
@@ -52,18 +54,46 @@ fn kernel_replay_py<'py>(py: Python<'py>, trace_text: &str) -> PyResult<Bound<'p
 }
 
 /// The oracle's error as the engine's, so that it maps to the same
-/// exception classes as a simulated run's.
+/// exception classes as a simulated run's; `None` for a SIGSEGV inside a
+/// VMA, which the engine's errors do not spell.
 #[cfg(target_os = "linux")]
-fn oracle_error(e: anonfolio_oracle::Error) -> anonfolio::Error {
+fn oracle_error(e: &anonfolio_oracle::Error) -> Option<anonfolio::Error> {
     use anonfolio::Error as E;
     use anonfolio_oracle::Error as O;
-    match e {
-        O::Oracle(m) => E::Oracle(m),
-        O::Overlap(m) => E::Overlap(m),
-        O::Segv(a) => E::Segv(a),
-        O::Trace(t) => t.into(),
-        O::AtLine(n, e) => E::AtLine(n, Box::new(oracle_error(*e))),
+    Some(match e {
+        O::Oracle(m) => E::Oracle(m.clone()),
+        O::Overlap(m) => E::Overlap(m.clone()),
+        O::Refused(m) => E::InvalidRange(m.clone()),
+        O::Segv(a) => E::Segv(*a),
+        O::SegvAccess { .. } => return None,
+        O::Trace(t) => t.clone().into(),
+        O::AtLine(n, e) => E::AtLine(*n, Box::new(oracle_error(e)?)),
+    })
+}
+
+/// The exception for an oracle error: as the engine's error would raise,
+/// or `SegmentationFault` with `line` and `address` for an access a VMA's
+/// protection (or a stack that cannot grow) refused.
+#[cfg(target_os = "linux")]
+fn oracle_pyerr(py: Python<'_>, e: anonfolio_oracle::Error) -> PyErr {
+    if let Some(engine) = oracle_error(&e) {
+        return to_pyerr(py, &engine);
     }
+    let (mut line, mut inner) = (None, &e);
+    while let anonfolio_oracle::Error::AtLine(n, next) = inner {
+        line = line.or(Some(*n));
+        inner = next;
+    }
+    let mut attrs: Vec<(&str, PyObject)> = Vec::new();
+    if let Some(l) = line {
+        let Ok(l) = l.into_pyobject(py);
+        attrs.push(("line", l.into_any().unbind()));
+    }
+    if let anonfolio_oracle::Error::SegvAccess { addr, .. } = inner {
+        let Ok(a) = addr.into_pyobject(py);
+        attrs.push(("address", a.into_any().unbind()));
+    }
+    new_err(py, Kind::Segv, e.to_string(), &attrs)
 }
 
 #[cfg(not(target_os = "linux"))]
