@@ -33,7 +33,7 @@ impl Mm {
                 )));
             }
             while a < vend {
-                self.access_locked(&g, cpu, a, write)?;
+                self.access_inner::<false>(&g, cpu, a, write)?;
                 a += PAGE_SIZE;
             }
         }
@@ -56,7 +56,7 @@ impl Mm {
             let (vend, flags) = (vma.end.min(start + len), vma.flags);
             if flags.accessible() {
                 while a < vend {
-                    if self.access_locked(&g, cpu, a, flags.write).is_err() {
+                    if self.access_inner::<false>(&g, cpu, a, flags.write).is_err() {
                         break;
                     }
                     a += PAGE_SIZE;

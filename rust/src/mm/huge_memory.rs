@@ -3,7 +3,7 @@
 //! PMD-mapped THP.
 
 use crate::mm::memory::{Fault, VmResult};
-use crate::mm::mm_types::{PG_PARTIALLY_MAPPED, PG_PMD_MAPPED};
+use crate::mm::mm_types::{PG_NONZERO, PG_PARTIALLY_MAPPED, PG_PMD_MAPPED};
 use crate::mm::pgtable::*;
 use crate::mm::vma::{Vma, VmaTree};
 use crate::mm::{Cpu, MmInner, Point};
@@ -72,6 +72,10 @@ impl MmInner {
     /// is charged to the memcg (one page, as measured) by the caller.
     fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64) {
         let folio = self.alloc.page(pfn);
+        // folio_zero_user(): the new folio holds zeroes.
+        for k in 1..512 {
+            self.alloc.page(pfn + k).set_info(0);
+        }
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, true);
         pmd.store(mk_huge_pmd(pfn), Release);
@@ -221,9 +225,10 @@ impl MmInner {
 
     /// `split_folio()` of the PTE-mapped large anonymous folio at `head`,
     /// whose page `k` would be mapped at `va + k * PAGE_SIZE`: every page
-    /// becomes an order-0 folio (`__split_folio_to_order`), mapped pages
-    /// keep their PTE (`remap_page`) with one reference and mapcount each,
-    /// unmapped ones are freed. Counts `split` (and `thp_split_page` for a
+    /// becomes an order-0 folio (`__split_folio_to_order`); mapped pages
+    /// that hold data keep their PTE (`remap_page`) with one reference and
+    /// mapcount each, mapped pages that hold only zeroes are mapped to the
+    /// shared zero page instead, and all others are freed. Counts `split` (and `thp_split_page` for a
     /// PMD-order folio), takes the folio out of `nr_anon` and off the
     /// deferred split queue. `unmap_counts_deferred`: the folio was
     /// PTE-mapped before this split began, so `unmap_folio` (one PTE at a
@@ -279,8 +284,20 @@ impl MmInner {
             match slot(k) {
                 Some(e) => {
                     let pte = e.load(Acquire);
+                    if !page.nonzero() {
+                        // remap_page() with RMP_USE_SHARED_ZEROPAGE:
+                        // try_to_map_unused_to_zeropage() maps a page that
+                        // holds only zeroes to the shared zero page (keeping
+                        // its protection) and frees it.
+                        let prot = if pte & PTE_PROTNONE != 0 { PTE_PROTNONE } else { PTE_PRESENT };
+                        e.store(PTE_ZERO | prot, Release);
+                        cpu.c().rss.sub(1);
+                        page.init_folio(0, 0, 0);
+                        self.free_unmapped_folio(cpu, head + k, 0, true);
+                        continue;
+                    }
                     e.store(pte & !(0xf << PTE_ORDER_SHIFT), Release);
-                    page.init_folio(0, 0, 1);
+                    page.init_folio(0, PG_NONZERO, 1);
                     page.folio_set_count(1);
                 }
                 None => {

@@ -164,24 +164,49 @@ mod tests {
 
     /// A whole PMD THP stays PMD-mapped; the first 64K of one splits the
     /// PMD and the folio to 512 order-0 pages (thp_split_pmd +1, split +1,
-    /// thp_split_page +1, no split_deferred); writes after: 0 faults.
+    /// thp_split_page +1, no split_deferred). Pages that were written keep
+    /// their data and take no fault after; pages never written hold zeroes
+    /// and the split maps them to the shared zero page, so a write to one
+    /// is a copy (one fault).
     #[test]
     fn madv_free_of_part_of_a_pmd_thp_splits_it_to_order_0() {
         let (mm, mut cpu) = mm();
         mm.mmap(&mut cpu, B, 4 << 20, hg()).unwrap();
         mm.access(&mut cpu, B, true).unwrap();
+        touch(&mm, &mut cpu, B + 0x1000, 0x1f000, true);
         mm.access(&mut cpu, B + (2 << 20), true).unwrap();
         mm.madvise(&mut cpu, B + (2 << 20), 2 << 20, Advice::Free).unwrap();
         assert_eq!(mm.stats().vm.thp_split_pmd, 0);
         mm.madvise(&mut cpu, B, 64 * K, Advice::Free).unwrap();
         let s = mm.stats();
         assert_eq!((s.vm.thp_split_pmd, s.mthp[9].split, s.vm.thp_split_page), (1, 1, 1));
-        assert_eq!((s.mthp[9].split_deferred, s.mthp[9].nr_anon, s.rss_pages), (0, 1, 1024));
+        assert_eq!((s.mthp[9].split_deferred, s.mthp[9].nr_anon), (0, 1));
+        assert_eq!(s.rss_pages, 32 + 512, "480 zero-filled pages went to the zero page");
+        touch(&mm, &mut cpu, B, 128 * K, true);
+        assert_eq!(faults(&mm), 2, "the written pages take no fault");
         touch(&mm, &mut cpu, B, 4 << 20, true);
-        assert_eq!(faults(&mm), 2);
+        assert_eq!(faults(&mm), 2 + 480);
         check(&mm);
         mm.munmap(&mut cpu, B, 4 << 20).unwrap();
         check(&mm);
+    }
+
+    /// MADV_POPULATE_WRITE faults pages in without storing into them: a
+    /// split by MADV_FREE then finds them zero-filled and maps them to the
+    /// zero page; a user write stores, and its page is kept.
+    #[test]
+    fn a_split_maps_pages_no_user_write_reached_to_the_zero_page() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 128 * K, hg()).unwrap();
+        mm.madvise(&mut cpu, B, 128 * K, Advice::PopulateWrite).unwrap();
+        mm.access(&mut cpu, B + 0x3000, true).unwrap();
+        assert_eq!((faults(&mm), mm.stats().rss_pages), (2, 32));
+        mm.madvise(&mut cpu, B + 0x8000, 0x10000, Advice::Free).unwrap();
+        assert_eq!(mm.stats().rss_pages, 1);
+        check(&mm);
+        mm.access(&mut cpu, B + 0x3000, true).unwrap();
+        mm.access(&mut cpu, B + 0x4000, true).unwrap();
+        assert_eq!((faults(&mm), mm.stats().folio_orders[0]), (3, 1));
     }
 
     /// MADV_FREE of zero-page PTEs changes nothing: 32 writes after are 32

@@ -56,8 +56,23 @@ impl MmInner {
     /// lock for read.
     #[inline(always)]
     pub fn access_locked(&self, g: &MmapReadGuard<'_>, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
+        self.access_inner::<true>(g, cpu, addr, write)
+    }
+
+    /// [`Self::access_locked`]; `STORE`: a write access stores into the
+    /// page (a user write), which GUP's write faults do not (`faultin_page`
+    /// maps the page writable and leaves it zero-filled).
+    #[inline(always)]
+    pub(crate) fn access_inner<const STORE: bool>(
+        &self,
+        g: &MmapReadGuard<'_>,
+        cpu: &mut Cpu,
+        addr: u64,
+        write: bool,
+    ) -> Result<()> {
         assert!(std::ptr::eq(g.lock(), &self.mmap_lock), "a read guard of another mm");
         let mut tries = 0u32;
+        let mut mapped = false;
         loop {
             let walked = self.pt.pmd_offset(addr);
             if let Some(pmd) = walked {
@@ -65,16 +80,26 @@ impl MmInner {
                 if v != 0 {
                     if pmd_huge(v) {
                         if v & PMD_PROTNONE == 0 && (!write || v & (PMD_HUGE_ZERO | PMD_RDONLY) == 0) {
+                            if STORE && write {
+                                self.alloc.page(pte_pfn(v) + pte_index(addr) as u64).mark_nonzero();
+                            }
                             return Ok(());
                         }
                     } else {
                         // SAFETY: a table PMD of this mm, loaded under `g`.
                         let pte = unsafe { PageTable::pte_table(v) }.get(pte_index(addr));
                         if pte_present(pte) && (!write || pte_write(pte)) {
+                            if STORE && write {
+                                self.alloc.page(pte_pfn(pte)).mark_nonzero();
+                            }
                             return Ok(());
                         }
                     }
                 }
+            }
+            if mapped {
+                // Mapped, yet not writable to this walk: nothing to store.
+                return Ok(());
             }
             if tries > 0 {
                 cpu.c().race.refaults.inc();
@@ -89,7 +114,13 @@ impl MmInner {
                 return Err(Error::SegvAccess { addr, what });
             }
             if self.handle_mm_fault(cpu, vma, addr, write, walked).map_err(|_| Error::Oom(addr))? == Fault::Mapped {
-                return Ok(());
+                if !(STORE && write) {
+                    return Ok(());
+                }
+                // A write re-executes the access after the fault, as the
+                // CPU does: the walk then finds the entry and stores into
+                // the page.
+                mapped = true;
             }
         }
     }
@@ -311,6 +342,10 @@ impl MmInner {
             }
             // folio_ref_add(nr - 1), folio_add_new_anon_rmap(), set_ptes().
             let folio = self.alloc.page(pfn);
+            // folio_zero_user(): the new folio holds zeroes.
+            for k in 1..nr as u64 {
+                self.alloc.page(pfn + k).set_info(0);
+            }
             // One store for the allocation's reference and folio_ref_add(nr - 1).
             folio.folio_set_count(nr as u32);
             self.folio_add_new_anon_rmap(cpu, folio, order, nr as u32, false);
