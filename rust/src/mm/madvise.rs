@@ -207,6 +207,19 @@ mod tests {
         mm.access(&mut cpu, B + 0x3000, true).unwrap();
         mm.access(&mut cpu, B + 0x4000, true).unwrap();
         assert_eq!((faults(&mm), mm.stats().folio_orders[0]), (3, 1));
+        // A folio on pages that held data before holds zeroes again
+        // (folio_zero_user): freed and faulted anew, its unwritten pages go
+        // to the zero page on a split too.
+        let c = B + (4 << 20);
+        mm.mmap(&mut cpu, c, 64 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, c, 64 * K, true);
+        mm.munmap(&mut cpu, c, 64 * K).unwrap();
+        mm.mmap(&mut cpu, c, 64 * K, hg()).unwrap();
+        mm.access(&mut cpu, c, true).unwrap();
+        let rss = mm.stats().rss_pages;
+        mm.madvise(&mut cpu, c + 0x8000, 0x1000, Advice::Free).unwrap();
+        assert_eq!(rss - mm.stats().rss_pages, 15);
+        check(&mm);
     }
 
     /// MADV_FREE of zero-page PTEs changes nothing: 32 writes after are 32
