@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn the_trace_span_covers_every_line_not_just_mmaps() {
         let ops = parse("brk 0x7f0000000000\nbrk 0x7f0000201001\nw 0x7f0000000000\n").unwrap();
-        assert_eq!(trace_span(&ops), Some((0x7f0000000000 - PMD_SIZE, 0x7f0000600000 + PMD_SIZE)));
+        assert_eq!(trace_span(&ops), Some((0x7f0000000000 - PMD_SIZE, 0x7f0000400000 + PMD_SIZE)));
         let ops = parse("mmap 0x7f0000000000 0x1000\nmremap 0x7f0000000000 0x1000 0x7f0010000000 0x1000\n").unwrap();
         assert_eq!(trace_span(&ops).unwrap().1, 0x7f0010000000 + 2 * PMD_SIZE);
     }
