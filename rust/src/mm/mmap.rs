@@ -310,6 +310,25 @@ mod tests {
         check(&mm);
     }
 
+    /// MAP_STACK is VM_NOHUGEPAGE: with 64kB at `always` an unadvised
+    /// stack mapping faults order 0; MADV_HUGEPAGE clears it (64K folios).
+    #[test]
+    fn map_stack_is_nohugepage_until_advised() {
+        let mut c = crate::Config::default();
+        c.set_size_mode("64kB=always").unwrap();
+        c.memory.phys_bytes = 64 << 20;
+        let mm = crate::Mm::new(c).unwrap();
+        let mut cpu = mm.cpu(0);
+        let st = crate::trace::MmapFlags { stack: true, ..Default::default() };
+        mm.mmap(&mut cpu, B, 256 * K, st).unwrap();
+        touch(&mm, &mut cpu, B, 256 * K, true);
+        assert_eq!(faults(&mm), 64);
+        let st = crate::trace::MmapFlags { stack: true, hugepage: true, ..Default::default() };
+        mm.mmap(&mut cpu, B + (2 << 20), 256 * K, st).unwrap();
+        touch(&mm, &mut cpu, B + (2 << 20), 256 * K, true);
+        assert_eq!((faults(&mm), mm.stats().mthp[4].anon_fault_alloc), (68, 4));
+    }
+
     /// MAP_POPULATE faults inside mmap, before the trace's `hugepage`
     /// advice: 256K populate = 64 order-0 faults; read-only = 64 zero pages.
     #[test]

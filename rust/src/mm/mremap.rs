@@ -263,6 +263,25 @@ mod tests {
         check(&mm);
     }
 
+    /// MREMAP_FIXED onto the middle of a populated 128K VMA of 64K folios:
+    /// the target is unmapped first, cutting two folios (split_deferred +2,
+    /// partially mapped +2); 3 VMAs there, no merge.
+    #[test]
+    fn a_move_onto_a_populated_mapping_unmaps_the_target_first() {
+        let (mm, mut cpu) = mm();
+        let d = B + (4 << 20);
+        mm.mmap(&mut cpu, d, 128 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, d, 128 * K, true);
+        mm.mmap(&mut cpu, B, 64 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 64 * K, true);
+        mm.mremap(&mut cpu, B, 64 * K, d + 32 * K, 64 * K).unwrap();
+        let m = mm.stats().mthp[4];
+        assert_eq!((m.split_deferred, m.nr_anon_partially_mapped, m.nr_anon), (2, 2, 3));
+        assert_eq!(mm.vmas().len(), 3);
+        assert_eq!(mm.stats().rss_pages, 32);
+        check(&mm);
+    }
+
     /// Merging of moved VMAs: the upper part moved away and back merges
     /// again; a faulted VMA moved next to an unfaulted one does not (its
     /// vm_pgoff is kept); an unfaulted one moved there does.
