@@ -20,6 +20,11 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
         OpKind::Mremap { old_addr, old_len, new_addr, new_len } => mm.mremap(cpu, old_addr, old_len, new_addr, new_len),
         OpKind::Brk { addr } => mm.brk(cpu, addr),
     };
+    // CONFIG_DEBUG_VM: every VMA operation leaves a sound mm.
+    let r = r.and_then(|()| match mm.debug_vm && is_barrier(op) {
+        true => mm.check_invariants().map_err(Error::Invariant),
+        false => Ok(()),
+    });
     r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
 }
 
