@@ -84,15 +84,16 @@ impl Page {
         self.count.store(left, Relaxed);
         left == 0
     }
-    /// A user write stored into this page ([`PG_NONZERO`]). Only a CPU
-    /// that maps the page writes it, and nothing else stores into the info
-    /// of a mapped folio's pages while faults run (mapcounts change on
-    /// mapping a new folio, before it is published, and on zap, under the
-    /// mmap write lock), so the bit is set once with an atomic or.
+    /// A user write stored into this page ([`PG_NONZERO`]). Nothing else
+    /// stores into the info of a mapped folio's pages while faults run
+    /// (mapcounts change on mapping a new folio, before it is published,
+    /// and on zap, under the mmap write lock), so CPUs marking the same page
+    /// at once store the same value: a plain store suffices.
     #[inline(always)]
     pub fn mark_nonzero(&self) {
-        if self.info() & PG_NONZERO == 0 {
-            self.info.fetch_or(PG_NONZERO, Relaxed);
+        let i = self.info();
+        if i & PG_NONZERO == 0 {
+            self.set_info(i | PG_NONZERO);
         }
     }
     /// Whether a user write stored into this page.
