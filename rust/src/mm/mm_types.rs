@@ -84,16 +84,14 @@ impl Page {
         self.count.store(left, Relaxed);
         left == 0
     }
-    /// A user write stored into this page ([`PG_NONZERO`]). Nothing else
-    /// stores into the info of a mapped folio's pages while faults run
-    /// (mapcounts change on mapping a new folio, before it is published,
-    /// and on zap, under the mmap write lock), so CPUs marking the same page
-    /// at once store the same value: a plain store suffices.
+    /// A user write stored into this page ([`PG_NONZERO`]), set once with
+    /// an atomic or so that it never overwrites another CPU's update of the
+    /// same word: a plain load and store lost a folio's mapcount in loom's
+    /// `upstream_same_page` (two CPUs faulting the same page).
     #[inline(always)]
     pub fn mark_nonzero(&self) {
-        let i = self.info();
-        if i & PG_NONZERO == 0 {
-            self.set_info(i | PG_NONZERO);
+        if self.info() & PG_NONZERO == 0 {
+            self.info.fetch_or(PG_NONZERO, Relaxed);
         }
     }
     /// Whether a user write stored into this page.
