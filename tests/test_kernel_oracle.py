@@ -33,9 +33,6 @@ CASES = EXPECTED["examples"]
 # populate, growsdown, noreserve/stack, dontfork): recorded on the kernel by
 # record.py's group "ops7", each exactly twice, kept when both agreed.
 OPS7 = json.loads((CASES_DIR / "expected-ops7.json").read_text())["examples"]
-# The simulator learns these operations on another branch; until it has,
-# their comparison is an expected failure (remove the mark when it lands).
-ENGINE_PENDING = pytest.mark.xfail(strict=False, reason="engine7 pending")
 COUNTERS = ("anon_fault_alloc", "anon_fault_fallback", "anon_fault_fallback_charge",
             "split_deferred", "nr_anon", "nr_anon_partially_mapped")
 
@@ -167,7 +164,6 @@ def test_ops7_cases_cover_every_new_operation():
     assert len(settings) >= 5, settings
 
 
-@ENGINE_PENDING
 @pytest.mark.parametrize("case", OPS7, ids=[c["name"] for c in OPS7])
 def test_simulator_matches_kernel_ops7(case, simulated):
     sim = _parse(simulated[case["name"]])

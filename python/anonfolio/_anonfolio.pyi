@@ -290,7 +290,8 @@ class Simulator:
         ``fault_paths``, ``folio_orders`` (uint64 array by order), ``memory``."""
 
     def vmas(self) -> list[VmaDict]:
-        """The VMAs, lowest first: dicts with ``start``, ``end``, ``hugepage``, ``nohugepage``, ``uffd_wp``."""
+        """The VMAs, lowest first: dicts with ``start``, ``end``, ``hugepage``, ``nohugepage``, ``uffd_wp``,
+        ``prot`` (``"rw"``, ``"r"``, ``"none"``), ``account``, ``noreserve``, ``growsdown``, ``dontcopy``."""
 
     def check_invariants(self) -> None:
         """Checks mapcounts, RSS and the conservation of pages. Call it when

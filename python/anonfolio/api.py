@@ -48,6 +48,16 @@ class Vma(NamedTuple):
     hugepage: bool
     nohugepage: bool
     uffd_wp: bool
+    prot: str
+    """``"rw"``, ``"r"`` or ``"none"``."""
+    account: bool
+    """VM_ACCOUNT: a private writable mapping without MAP_NORESERVE."""
+    noreserve: bool
+    """VM_NORESERVE (MAP_NORESERVE)."""
+    growsdown: bool
+    """VM_GROWSDOWN (MAP_GROWSDOWN)."""
+    dontcopy: bool
+    """VM_DONTCOPY (MADV_DONTFORK)."""
 
     @property
     def length(self) -> int:

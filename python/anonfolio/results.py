@@ -61,6 +61,7 @@ class VmstatCounters(TypedDict):
     thp_fault_fallback: int
     thp_fault_fallback_charge: int
     thp_split_pmd: int
+    thp_split_page: int
     thp_deferred_split_page: int
     thp_zero_page_alloc: int
     pgfree: int
@@ -169,6 +170,16 @@ class VmaDict(TypedDict):
     hugepage: bool
     nohugepage: bool
     uffd_wp: bool
+    prot: str
+    """``"rw"``, ``"r"`` or ``"none"``."""
+    account: bool
+    """VM_ACCOUNT: a private writable mapping without MAP_NORESERVE."""
+    noreserve: bool
+    """VM_NORESERVE (MAP_NORESERVE)."""
+    growsdown: bool
+    """VM_GROWSDOWN (MAP_GROWSDOWN)."""
+    dontcopy: bool
+    """VM_DONTCOPY (MADV_DONTFORK)."""
 
 
 class ConfigDict(TypedDict):

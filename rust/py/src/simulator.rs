@@ -299,6 +299,11 @@ impl Simulator {
             d.set_item("hugepage", vma.hugepage)?;
             d.set_item("nohugepage", vma.nohugepage)?;
             d.set_item("uffd_wp", vma.uffd_wp)?;
+            d.set_item("prot", vma.prot.name())?;
+            d.set_item("account", vma.account)?;
+            d.set_item("noreserve", vma.noreserve)?;
+            d.set_item("growsdown", vma.growsdown)?;
+            d.set_item("dontcopy", vma.dontcopy)?;
             out.append(d)?;
         }
         Ok(out)

@@ -4,7 +4,7 @@ use crate::drive::runner::{finish, run_cpus, RunOptions, RunResult};
 use crate::error::Error;
 use crate::mm::{Cpu, Mm, Point};
 use crate::trace::{Op, OpKind, TASK_SIZE};
-use crate::PMD_SIZE;
+use crate::{PAGE_SIZE, PMD_SIZE};
 use std::time::Instant;
 
 /// Runs one operation on `cpu`.
@@ -16,10 +16,15 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
         OpKind::Mmap { addr, len, flags } => mm.mmap(cpu, addr, len, flags),
         OpKind::Munmap { addr, len } => mm.munmap(cpu, addr, len),
         OpKind::Madvise { addr, len, advice } => mm.madvise(cpu, addr, len, advice),
-        OpKind::Mprotect { .. } | OpKind::Mremap { .. } | OpKind::Brk { .. } => {
-            Err(Error::Config("mprotect, mremap and brk are not modelled yet".into()))
-        }
+        OpKind::Mprotect { addr, len, prot } => mm.mprotect(cpu, addr, len, prot),
+        OpKind::Mremap { old_addr, old_len, new_addr, new_len } => mm.mremap(cpu, old_addr, old_len, new_addr, new_len),
+        OpKind::Brk { addr } => mm.brk(cpu, addr),
     };
+    // CONFIG_DEBUG_VM: every VMA operation leaves a sound mm.
+    let r = r.and_then(|()| match mm.debug_vm && is_barrier(op) {
+        true => mm.check_invariants().map_err(Error::Invariant),
+        false => Ok(()),
+    });
     r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
 }
 
@@ -122,12 +127,29 @@ fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> 
     })
 }
 
+/// The addresses a line names (for `brk`, up to the page above the
+/// rounded-up break, which the heap must leave free).
+fn op_range(k: &OpKind) -> (u64, u64) {
+    match *k {
+        OpKind::Mmap { addr, len, .. }
+        | OpKind::Munmap { addr, len }
+        | OpKind::Madvise { addr, len, .. }
+        | OpKind::Mprotect { addr, len, .. } => (addr, addr + len),
+        OpKind::Mremap { old_addr, old_len, new_addr, new_len } => {
+            (old_addr.min(new_addr), (old_addr + old_len).max(new_addr + new_len))
+        }
+        OpKind::Brk { addr } => (addr, addr.next_multiple_of(PAGE_SIZE) + PAGE_SIZE),
+        OpKind::Write { addr } | OpKind::Read { addr } => (addr, addr + 1),
+    }
+}
+
 /// The PROT_NONE reservation a trace is placed in (as the kernel oracle
-/// places it): its mmaps' span rounded out to 2 MiB, plus 2 MiB each side.
+/// places it): the span of every address its lines name, rounded out to
+/// 2 MiB, plus 2 MiB each side.
 pub fn trace_span(ops: &[Op]) -> Option<(u64, u64)> {
-    let (lo, hi) = ops.iter().fold((u64::MAX, 0), |(lo, hi), o| match o.kind {
-        OpKind::Mmap { addr, len, .. } => (lo.min(addr), hi.max(addr + len)),
-        _ => (lo, hi),
+    let (lo, hi) = ops.iter().fold((u64::MAX, 0), |(lo, hi), o| {
+        let (s, e) = op_range(&o.kind);
+        (lo.min(s), hi.max(e))
     });
     if lo >= hi {
         return None;
@@ -222,6 +244,16 @@ mod tests {
             assert_eq!(r.stats.rss_peak_pages, 64, "{det:?}: the peak was before the munmap");
             assert_eq!(r.ops_done, ops.len() as u64);
         }
+    }
+
+    /// The reservation covers what every line names, as the oracle's does:
+    /// a heap's break (and the page above it) and an mremap target too.
+    #[test]
+    fn the_trace_span_covers_every_line_not_just_mmaps() {
+        let ops = parse("brk 0x7f0000000000\nbrk 0x7f0000201001\nw 0x7f0000000000\n").unwrap();
+        assert_eq!(trace_span(&ops), Some((0x7f0000000000 - PMD_SIZE, 0x7f0000400000 + PMD_SIZE)));
+        let ops = parse("mmap 0x7f0000000000 0x1000\nmremap 0x7f0000000000 0x1000 0x7f0010000000 0x1000\n").unwrap();
+        assert_eq!(trace_span(&ops).unwrap().1, 0x7f0010000000 + 2 * PMD_SIZE);
     }
 
     #[test]

@@ -83,6 +83,18 @@ impl MemCg {
         }
     }
 
+    /// The `force:` path of `try_charge_memcg()` (`__GFP_NOFAIL`): charged
+    /// even over the limit.
+    pub fn force_charge(&self, nr: u64) {
+        self.usage.fetch_add(nr, Relaxed);
+    }
+
+    /// Uncharges kernel memory (a freed page table) straight from the
+    /// counter (`memcg_kmem_uncharge_page`, not through a CPU's stock).
+    pub fn uncharge_kmem(&self, nr: u64) {
+        self.usage.fetch_sub(nr, Relaxed);
+    }
+
     /// Usage in pages, stocks included.
     pub fn usage(&self) -> u64 {
         self.usage.load(Relaxed)
@@ -105,5 +117,51 @@ mod tests {
         assert!(!m.mem_cgroup_charge(&mut stock, 16));
         m.mem_cgroup_uncharge(&mut stock, 16);
         assert!(m.mem_cgroup_charge(&mut stock, 16));
+    }
+
+    /// Findings 8: the memcg is charged for page tables as well as folios:
+    /// a PTE table per 2 MiB touched, a deposited one per PMD THP and per
+    /// huge zero page; zero pages are free; munmap gives everything back.
+    #[test]
+    fn page_tables_are_charged_beside_folios() {
+        use crate::mm::testing::*;
+        let (mm, mut cpu) = mm();
+        let usage = |cpu: &mut crate::Cpu| {
+            cpu.drain();
+            mm.stats().mem.memcg_usage
+        };
+        mm.mmap(&mut cpu, B, 64 << 20, Default::default()).unwrap();
+        touch(&mm, &mut cpu, B, 4 << 20, true);
+        assert_eq!(usage(&mut cpu), 1024 + 2);
+        mm.madvise(&mut cpu, B + (4 << 20), 12 << 20, crate::Advice::HugePage).unwrap();
+        for i in 0..6u64 {
+            mm.access(&mut cpu, B + (4 << 20) + (i << 21), true).unwrap();
+        }
+        assert_eq!(usage(&mut cpu), 1026 + 6 * 512 + 6);
+        touch(&mm, &mut cpu, B + (16 << 20), 16 << 20, false);
+        assert_eq!(usage(&mut cpu), 1026 + 3078 + 8, "zero pages are free, their tables are not");
+        mm.madvise(&mut cpu, B + (32 << 20), 16 << 20, crate::Advice::HugePage).unwrap();
+        for i in 0..8u64 {
+            mm.access(&mut cpu, B + (32 << 20) + (i << 21), false).unwrap();
+        }
+        assert_eq!(usage(&mut cpu), 4112 + 8, "a huge zero page deposits a table");
+        mm.munmap(&mut cpu, B, 64 << 20).unwrap();
+        assert_eq!(usage(&mut cpu), 0);
+    }
+
+    /// With room for one page only, the first write's PTE table takes it
+    /// and the folio's charge fails: VM_FAULT_OOM. Two pages suffice.
+    #[test]
+    fn a_memcg_limit_counts_the_page_table_of_the_first_fault() {
+        use crate::mm::testing::B;
+        for (pages, ok) in [(1, false), (2, true)] {
+            let mut c = crate::Config::default();
+            c.memory.phys_bytes = 64 << 20;
+            c.memory.memcg_limit_bytes = Some(pages * crate::PAGE_SIZE);
+            let mm = crate::Mm::new(c).unwrap();
+            let mut cpu = mm.cpu(0);
+            mm.mmap(&mut cpu, B, 1 << 20, Default::default()).unwrap();
+            assert_eq!(mm.access(&mut cpu, B, true).is_ok(), ok, "{pages} pages");
+        }
     }
 }

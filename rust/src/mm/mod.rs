@@ -7,6 +7,7 @@
 //! per-CPU page lists, the memcg charge stock) and the counters it bumps.
 
 pub mod debug_vm;
+pub mod gup;
 pub mod huge_memory;
 pub mod madvise;
 pub mod memcontrol;
@@ -14,6 +15,8 @@ pub mod memory;
 pub mod mm_types;
 pub mod mmap;
 pub mod mmap_lock;
+pub mod mprotect;
+pub mod mremap;
 pub mod page_alloc;
 pub mod pgtable;
 pub mod rmap;
@@ -262,8 +265,13 @@ impl Mm {
     pub fn access(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
         let pc = cpu.percpu();
         let g = self.mmap_read_lock(&pc, cpu);
-        let r = self.access_locked(&g, cpu, addr, write);
+        let mut r = self.access_locked(&g, cpu, addr, write);
         drop(g);
+        if matches!(r, Err(Error::Segv(_))) && self.expand_stack(cpu, addr)? {
+            // The stack grew to cover `addr`: the fault proceeds (one fault).
+            let g = self.mmap_read_lock(&pc, cpu);
+            r = self.access_locked(&g, cpu, addr, write);
+        }
         cpu.sync_pcp_gauge();
         r
     }
@@ -391,5 +399,56 @@ impl MmInner {
         cpu.vma_seq = g.seq;
         cpu.vma = Arc::as_ptr(v);
         Some(v)
+    }
+}
+
+/// What the tests of the new operations share: an mm configured as the
+/// kernel measurements were taken (top-level `madvise`, 16kB and 64kB
+/// `madvise`, 2048kB `inherit`), and short names for its figures.
+#[cfg(all(test, not(loom)))]
+pub(crate) mod testing {
+    use super::*;
+    use crate::trace::{MmapFlags, Prot};
+
+    pub const B: u64 = 0x7f00_0000_0000;
+    pub const K: u64 = 1024;
+
+    pub fn mm() -> (Mm, Cpu) {
+        let mut c = Config::default();
+        for s in ["16kB=madvise", "64kB=madvise", "2048kB=inherit"] {
+            c.set_size_mode(s).unwrap();
+        }
+        c.memory.phys_bytes = 256 << 20;
+        let mm = Mm::new(c).unwrap();
+        let cpu = mm.cpu(0);
+        (mm, cpu)
+    }
+
+    pub fn hg() -> MmapFlags {
+        MmapFlags { hugepage: true, ..Default::default() }
+    }
+
+    pub fn prot(p: Prot) -> MmapFlags {
+        MmapFlags { prot: p, ..Default::default() }
+    }
+
+    /// Writes (or reads) every page of `[a, a+len)`.
+    pub fn touch(mm: &Mm, cpu: &mut Cpu, a: u64, len: u64, write: bool) {
+        for p in (a..a + len).step_by(crate::PAGE_SIZE as usize) {
+            mm.access(cpu, p, write).unwrap();
+        }
+    }
+
+    pub fn faults(mm: &Mm) -> u64 {
+        mm.stats().faults()
+    }
+
+    pub fn is_segv(r: Result<()>) -> bool {
+        matches!(r, Err(Error::SegvAccess { .. }) | Err(Error::Segv(_)))
+    }
+
+    /// The invariant checker must pass.
+    pub fn check(mm: &Mm) {
+        mm.check_invariants().unwrap();
     }
 }
