@@ -1,7 +1,8 @@
 //! What drives the model (none of it mirrors a kernel file): trace replay,
-//! the built-in workloads, the multi-CPU runner and the deterministic
-//! scheduler.
+//! the built-in workloads, the multi-CPU runner, the deterministic
+//! scheduler and the coroutines it switches.
 
+pub mod coro;
 pub mod replay;
 pub mod runner;
 pub mod sched;
