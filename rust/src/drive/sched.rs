@@ -7,9 +7,10 @@
 //!   ([`Point`]) a seeded generator decides whether to hand over and to
 //!   whom, with the probability `Config::preempt`. Nothing depends on host
 //!   timing, so the same seed gives the same run, bit for bit, with any
-//!   number of CPUs. The draws are those of the thread-based scheduler this
-//!   replaced (same generator, same candidates in the same order), so a seed
-//!   gives the same interleaving it gave there.
+//!   number of CPUs. (A seed's interleaving differs from the one the
+//!   thread-based scheduler this replaced gave: the draws are mapped to a
+//!   choice by a multiply instead of a division, which at a switch every
+//!   few nanoseconds is a large share of the cost.)
 //! - [`Timed`]: in virtual time (`--time`), the CPU with the smallest clock
 //!   runs; the seed only orders CPUs whose clocks are equal.
 //!
@@ -70,32 +71,52 @@ pub(crate) trait Decide {
     fn finish(&mut self, me: usize) -> Option<usize>;
 }
 
+/// `r` mapped onto `0..n` by a multiply and a shift (Lemire's reduction):
+/// uniform enough for a scheduler and without a division.
+#[inline(always)]
+fn below(r: u64, n: usize) -> usize {
+    ((u128::from(r) * n as u128) >> 64) as usize
+}
+
 /// Seeded switches with a fixed probability per point.
 pub(crate) struct Seeded {
     /// Unfinished CPUs, ascending.
     alive: Vec<usize>,
     rng: u64,
     first: Option<usize>,
-    /// Probability of a switch at a fault-path point (widens race windows).
-    switch_prob: f64,
+    /// A draw below this switches: the probability of a switch at a
+    /// fault-path point (widens race windows) scaled to 2^64.
+    threshold: u64,
+    /// Whether every draw switches (probability 1).
+    always: bool,
 }
 
 impl Seeded {
     pub(crate) fn new(ncpus: usize, seed: u64, switch_prob: f64) -> Seeded {
         let mut rng = seed;
-        let first = (next(&mut rng) % ncpus.max(1) as u64) as usize;
-        Seeded { alive: (0..ncpus).collect(), rng, first: (ncpus > 0).then_some(first), switch_prob }
+        let first = below(next(&mut rng), ncpus);
+        let p = switch_prob.clamp(0.0, 1.0);
+        Seeded {
+            alive: (0..ncpus).collect(),
+            rng,
+            first: (ncpus > 0).then_some(first),
+            threshold: (p * 18_446_744_073_709_551_616.0) as u64,
+            always: p >= 1.0,
+        }
     }
 
     /// A uniform pick among the unfinished CPUs other than `me`, in
-    /// ascending order of id (as the thread-based scheduler listed them).
+    /// ascending order of id.
+    #[inline]
     fn pick_other(&mut self, me: usize) -> Option<usize> {
-        let pos = self.alive.binary_search(&me);
-        let others = self.alive.len() - usize::from(pos.is_ok());
+        let n = self.alive.len();
+        // While no CPU has finished, `alive[i] == i`: no search.
+        let pos = if self.alive.get(me) == Some(&me) { Ok(me) } else { self.alive.binary_search(&me) };
+        let others = n - usize::from(pos.is_ok());
         if others == 0 {
             return None;
         }
-        let k = (next(&mut self.rng) % others as u64) as usize;
+        let k = below(next(&mut self.rng), others);
         Some(match pos {
             Ok(p) if k >= p => self.alive[k + 1],
             _ => self.alive[k],
@@ -110,10 +131,7 @@ impl Decide for Seeded {
 
     #[inline]
     fn point(&mut self, me: usize, p: Point) -> Option<usize> {
-        let switch = p == Point::Blocked || {
-            let r = (next(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64;
-            r < self.switch_prob
-        };
+        let switch = p == Point::Blocked || self.always || next(&mut self.rng) < self.threshold;
         if !switch {
             return None;
         }
@@ -181,38 +199,31 @@ impl Decide for Timed {
 mod tests {
     use super::*;
 
-    /// The thread-based scheduler's pick, kept here to hold the new one to it.
-    fn old_pick(done: &[bool], me: usize, rng: &mut u64) -> Option<usize> {
-        let others: Vec<usize> = (0..done.len()).filter(|&i| i != me && !done[i]).collect();
-        if others.is_empty() {
-            return None;
-        }
-        Some(others[(next(rng) % others.len() as u64) as usize])
-    }
-
     #[test]
-    fn seeded_draws_the_thread_based_schedulers_sequence() {
+    fn seeded_picks_every_other_cpu_evenly_and_never_a_finished_one() {
         let n = 37;
         let mut s = Seeded::new(n, 5, 0.5);
-        let mut rng = 5u64;
-        assert_eq!(s.first(), Some((next(&mut rng) % n as u64) as usize));
-        let mut done = vec![false; n];
-        let mut me = 3;
-        for step in 0..5000u64 {
-            if step % 131 == 0 && done.iter().filter(|d| !**d).count() > 1 {
-                done[me] = true;
-                let want = old_pick(&done, me, &mut rng);
-                assert_eq!(s.finish(me), want, "finish at {step}");
-                me = want.unwrap();
-                continue;
+        let me = s.first().unwrap();
+        let mut hits = vec![0u32; n];
+        let mut switches = 0;
+        for _ in 0..100_000 {
+            if let Some(o) = s.point(me, Point::AfterAlloc) {
+                hits[o] += 1;
+                switches += 1;
             }
-            let p = if step % 7 == 0 { Point::Blocked } else { Point::AfterAlloc };
-            let switch = p == Point::Blocked || ((next(&mut rng) >> 11) as f64 / (1u64 << 53) as f64) < 0.5;
-            let want = if switch { old_pick(&done, me, &mut rng) } else { None };
-            assert_eq!(s.point(me, p), want, "point at {step}");
-            if let Some(w) = want {
-                me = w;
-            }
+        }
+        assert!((48_000..52_000).contains(&switches), "{switches} switches at p = 0.5");
+        assert_eq!(hits[me], 0, "never to itself");
+        let (lo, hi) = hits
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .fold((u32::MAX, 0), |(lo, hi), (_, &h)| (lo.min(h), hi.max(h)));
+        assert!(lo > 1100 && hi < 1700, "uneven picks: {lo}..{hi}");
+        let gone = (me + 1) % n;
+        s.finish(gone);
+        for _ in 0..10_000 {
+            assert_ne!(s.point(me, Point::Blocked), Some(gone));
         }
     }
 
