@@ -14,7 +14,7 @@
 //! stacks it does not own.
 
 use crate::drive::runner::JobResult;
-use crate::drive::sched::Sched;
+use crate::drive::sched::{Sched, Timed};
 use crate::error::Error;
 use crate::mm::{Cpu, Point};
 use corosensei::stack::DefaultStack;
@@ -51,6 +51,8 @@ pub(crate) struct Ctx {
 thread_local! {
     /// The address of the context of the run on this thread, 0 if none.
     static CTX: Cell<usize> = const { Cell::new(0) };
+    /// The same address while the run is in virtual time, else 0.
+    static TIMED: Cell<usize> = const { Cell::new(0) };
     static POOL: RefCell<Vec<DefaultStack>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -91,30 +93,37 @@ fn point(addr: usize, me: usize, p: Point) {
     }
 }
 
-/// The scheduler of the run on this thread, as the virtual-time hooks use
-/// it: `f(sched, running_cpu)` when a run is active and a CPU's coroutine
-/// executes.
+/// The virtual-time hooks' access to the run on this thread: `f(timed,
+/// running_cpu)` when a run in virtual time is active and a CPU's
+/// coroutine executes; nothing otherwise (one thread-local load).
 #[inline(always)]
-pub(crate) fn with_running<R>(f: impl FnOnce(&mut Sched, usize) -> R) -> Option<R> {
-    let addr = CTX.with(Cell::get);
+pub(crate) fn with_timed(f: impl FnOnce(&mut Timed, usize)) {
+    let addr = TIMED.with(Cell::get);
     if addr == 0 {
-        return None;
+        return;
     }
-    let ctx = current(addr)?;
+    with_timed_slow(addr, f);
+}
+
+fn with_timed_slow(addr: usize, f: impl FnOnce(&mut Timed, usize)) {
+    let Some(ctx) = current(addr) else { return };
     let me = ctx.running.get();
     if me == NONE {
-        return None;
+        return;
     }
-    let mut s = ctx.sched.try_borrow_mut().ok()?;
-    Some(f(&mut s, me))
+    let Ok(mut s) = ctx.sched.try_borrow_mut() else { return };
+    if let Sched::Timed(t) = &mut *s {
+        f(t, me);
+    }
 }
 
 /// Restores `CTX` when the run ends, also when unwinding.
-struct CtxGuard(usize);
+struct CtxGuard(usize, usize);
 
 impl Drop for CtxGuard {
     fn drop(&mut self) {
         CTX.with(|c| c.set(self.0));
+        TIMED.with(|c| c.set(self.1));
     }
 }
 
@@ -164,7 +173,8 @@ where
         tearing_down: Cell::new(false),
     };
     let addr = &ctx as *const Ctx as usize;
-    let _restore = CtxGuard(CTX.with(|c| c.replace(addr)));
+    let timed = if matches!(*ctx.sched.borrow(), Sched::Timed(_)) { addr } else { 0 };
+    let _restore = CtxGuard(CTX.with(|c| c.replace(addr)), TIMED.with(|c| c.replace(timed)));
     let mut results: Vec<Option<JobResult>> = (0..n).map(|_| None).collect();
     {
         let mut coros = Coros { ctx: &ctx, list: Vec::with_capacity(n) };

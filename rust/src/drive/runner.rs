@@ -2,7 +2,8 @@
 //! as coroutines on this thread under the deterministic scheduler, and the
 //! result of a run.
 
-use crate::drive::sched::{Sched, Seeded};
+use crate::drive::sched::{Sched, Seeded, Timed};
+use crate::drive::vtime::{lock_addr, CostProfile, TimeStats, VTime};
 use crate::error::Error;
 use crate::mm::vmstat::Stats;
 use crate::mm::{Cpu, Mm};
@@ -17,6 +18,10 @@ pub struct RunOptions {
     pub deterministic: Option<u64>,
     /// Check the invariants at the end (and fail the run if they break).
     pub check_invariants: bool,
+    /// Run in virtual time with this cost profile (`--time`): CPUs are
+    /// coroutines run in the order of their clocks, seeded ties broken by
+    /// `deterministic` (default 0).
+    pub time: Option<CostProfile>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +36,8 @@ pub struct RunResult {
     pub error: Option<Error>,
     /// Faults handled by each CPU of the run, for fairness.
     pub per_cpu_faults: Vec<u64>,
+    /// With [`RunOptions::time`]: the run's figures in virtual time.
+    pub time: Option<TimeStats>,
 }
 
 impl RunResult {
@@ -63,7 +70,7 @@ pub(crate) fn finish(
             error = Some(Error::Invariant(e));
         }
     }
-    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults }
+    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults, time: None }
 }
 
 /// What one CPU's job returns: operations done, or those and the error.
@@ -94,6 +101,19 @@ where
     F: Fn(usize, &mut Cpu) -> JobResult + Sync,
 {
     let n = cpus.len();
+    if let Some(p) = &opts.time {
+        let vt = VTime::new(p, n, mm.alloc.zone_lock_addr(), lock_addr(&*mm.pt.page_table_lock));
+        let sched = Sched::Timed(Box::new(Timed::new(n, opts.deterministic.unwrap_or(0), vt)));
+        let t0 = Instant::now();
+        let (results, sched) = crate::drive::coro::run(&mut cpus, sched, &job);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (done, err) = gather(results);
+        let mut r = finish(mm, cpus, elapsed, done, err, opts.check_invariants);
+        if let Sched::Timed(t) = sched {
+            r.time = Some(t.vt.stats(&t.clock));
+        }
+        return r;
+    }
     if let Some(seed) = opts.deterministic {
         let sched = Sched::Seeded(Seeded::new(n, seed, mm.config().preempt));
         let t0 = Instant::now();

@@ -19,6 +19,7 @@
 //! terms; the waits for the mmap lock and replay's barriers are
 //! [`Point::Blocked`], which always hands over.
 
+use crate::drive::vtime::VTime;
 use crate::mm::Point;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -152,39 +153,80 @@ pub(crate) struct Timed {
     pub(crate) clock: Vec<u64>,
     /// Seeded tie-break: equal clocks run in the order of these keys.
     key: Vec<u64>,
-    /// The CPUs waiting to run (not the running one, not finished ones).
+    /// The CPUs waiting to run (not the running one, not finished ones)
+    /// that have work, and those that wait at a blocked point.
     ready: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    spinning: BinaryHeap<Reverse<(u64, u64, usize)>>,
     /// What a CPU waiting for the mmap lock or a barrier spends on one look
     /// at the word it waits on (one cache-line transfer); its clock moves
     /// past the earliest other CPU's by this, so waiting always progresses.
     spin_ns: u64,
+    pub(crate) vt: VTime,
 }
 
 impl Timed {
-    pub(crate) fn new(ncpus: usize, seed: u64, spin_ns: u64) -> Timed {
+    pub(crate) fn new(ncpus: usize, seed: u64, vt: VTime) -> Timed {
         let mut rng = seed;
         let key: Vec<u64> = (0..ncpus).map(|_| next(&mut rng)).collect();
         let ready = (0..ncpus).map(|i| Reverse((0, key[i], i))).collect();
-        Timed { clock: vec![0; ncpus], key, ready, spin_ns: spin_ns.max(1) }
+        Timed { clock: vec![0; ncpus], key, ready, spinning: BinaryHeap::new(), spin_ns: vt.cacheline().max(1), vt }
+    }
+
+    /// CPU `me`'s clock and the rest of the virtual-time state.
+    #[inline(always)]
+    pub(crate) fn parts(&mut self, me: usize) -> (&mut u64, &mut VTime) {
+        (&mut self.clock[me], &mut self.vt)
     }
 }
 
 impl Decide for Timed {
     fn first(&mut self) -> Option<usize> {
-        self.ready.pop().map(|Reverse((_, _, i))| i)
+        let a = self.ready.peek().map(|r| r.0);
+        let b = self.spinning.peek().map(|r| r.0);
+        let h = match (a, b) {
+            (None, None) => return None,
+            (Some(_), None) => &mut self.ready,
+            (None, Some(_)) => &mut self.spinning,
+            (Some(a), Some(b)) => {
+                if a <= b {
+                    &mut self.ready
+                } else {
+                    &mut self.spinning
+                }
+            }
+        };
+        h.pop().map(|Reverse((_, _, i))| i)
     }
 
     #[inline]
     fn point(&mut self, me: usize, p: Point) -> Option<usize> {
-        let &Reverse((t, k, _)) = self.ready.peek()?;
+        let a = self.ready.peek().map(|r| r.0);
+        let b = self.spinning.peek().map(|r| r.0);
+        let (t, k) = match (a, b) {
+            (None, None) => return None,
+            (Some(x), None) | (None, Some(x)) => (x.0, x.1),
+            (Some(x), Some(y)) => {
+                let m = x.min(y);
+                (m.0, m.1)
+            }
+        };
         if p == Point::Blocked {
-            // Spins until something changes: that is no earlier than the
-            // earliest other CPU's next step.
-            self.clock[me] = self.clock[me].max(t) + self.spin_ns;
+            // Spins until something changes: no earlier than the next step
+            // of the earliest CPU that has work (or, when every other CPU
+            // waits too, of the earliest of those).
+            let until = a.map_or(t, |x| x.0);
+            let was = self.clock[me];
+            self.clock[me] = was.max(until) + self.spin_ns;
+            self.vt.blocked(self.clock[me] - was);
         }
         if (t, k) < (self.clock[me], self.key[me]) {
-            let Reverse((_, _, n)) = self.ready.pop().expect("peeked");
-            self.ready.push(Reverse((self.clock[me], self.key[me], me)));
+            let n = self.first().expect("peeked");
+            let e = Reverse((self.clock[me], self.key[me], me));
+            if p == Point::Blocked {
+                self.spinning.push(e);
+            } else {
+                self.ready.push(e);
+            }
             return Some(n);
         }
         None
@@ -229,7 +271,8 @@ mod tests {
 
     #[test]
     fn timed_runs_the_earliest_clock_and_blocked_waits_progress() {
-        let mut t = Timed::new(3, 1, 10);
+        let p = crate::drive::vtime::CostProfile { cacheline_ns: 10.0, ..Default::default() };
+        let mut t = Timed::new(3, 1, VTime::new(&p, 3, 0, 0));
         let a = t.first().unwrap();
         t.clock[a] = 100;
         // Someone else is at 0: switch.

@@ -9,6 +9,7 @@
 //! [`MmapReadGuard`] is where the fault path starts), unmapping for write.
 
 use crate::config::{OnRace, Policy};
+use crate::drive::vtime::{self, Step};
 use crate::error::{Error, Result};
 use crate::mm::huge_memory::align_down;
 use crate::mm::mmap_lock::MmapReadGuard;
@@ -68,10 +69,14 @@ impl MmInner {
                 cpu.c().race.refaults.inc();
             }
             tries += 1;
+            vtime::fault_begin();
+            vtime::step(Step::VmaLookup);
             let Some(vma) = self.lookup(g, cpu, addr) else {
                 return Err(Error::Segv(addr));
             };
-            if self.handle_mm_fault(cpu, vma, addr, write, walked).map_err(|_| Error::Oom(addr))? == Fault::Mapped {
+            let r = self.handle_mm_fault(cpu, vma, addr, write, walked);
+            vtime::fault_end();
+            if r.map_err(|_| Error::Oom(addr))? == Fault::Mapped {
                 return Ok(());
             }
         }
@@ -88,6 +93,7 @@ impl MmInner {
         pmd: Option<&AtomicU64>,
     ) -> VmResult<Fault> {
         cpu.c().vm.pgfault.inc();
+        vtime::step(Step::PtWalk);
         let pmd = match pmd {
             Some(p) => p,
             None => self.pt.pmd_alloc(addr, &cpu.pc.page_table_lock),
@@ -182,6 +188,7 @@ impl MmInner {
             self.free_unmapped_folio(cpu, pfn, 0, false);
             return Err(Oom);
         }
+        vtime::step_n(Step::ZeroKib, PAGE_SIZE >> 10);
         Ok(pfn)
     }
 
@@ -191,6 +198,7 @@ impl MmInner {
     pub(crate) fn try_alloc_order(&self, cpu: &mut Cpu, order: usize) -> Option<u64> {
         if let Some(pfn) = self.vma_alloc_folio(cpu, order) {
             if self.memcg.mem_cgroup_charge(&mut cpu.stock, 1 << order) {
+                vtime::step_n(Step::ZeroKib, (PAGE_SIZE << order) >> 10);
                 return Some(pfn);
             }
             cpu.c().mthp[order].anon_fault_fallback_charge.inc();
@@ -330,6 +338,7 @@ impl MmInner {
             }
             a = next;
         }
+        vtime::tlb_finish_mmu();
         cpu.sync_pcp_gauge();
     }
 
@@ -373,6 +382,7 @@ impl MmInner {
             }
             t.ptep_get_and_clear(i);
             if pte & PTE_ZERO != 0 {
+                vtime::step(Step::ZapPte);
                 i += 1;
                 continue;
             }
@@ -390,6 +400,7 @@ impl MmInner {
                 nr += 1;
             }
             cpu.c().rss.sub(nr as u64);
+            vtime::zap_folio_ptes(nr as u64);
             self.folio_remove_rmap_ptes(cpu, head, order, nr as u32);
             self.folio_put_refs(cpu, head, order, nr as u32);
             i += nr;

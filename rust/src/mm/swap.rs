@@ -20,6 +20,7 @@ impl MmInner {
     /// `free_pages_prepare`), uncharged, freed.
     #[allow(non_snake_case)]
     pub(crate) fn __folio_put(&self, cpu: &mut Cpu, head: u64, order: usize) {
+        crate::drive::vtime::lru_del();
         let info = self.alloc.page(head).info();
         if order > 0 {
             let c = cpu.c();
