@@ -116,6 +116,7 @@ class Simulator(_anonfolio.Simulator):
         threads: int = 1,
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
+        time: Optional[Mapping[str, float]] = None,
     ) -> Stats:
         """Replays a trace: its text (``str``), ``bytes``, or a path
         (``pathlib.Path``). Operations before a bad line run; the error
@@ -124,7 +125,9 @@ class Simulator(_anonfolio.Simulator):
         text = _trace_text(trace)
         with _wrapped_error_stats():
             return Stats(
-                super().replay(text, threads=threads, deterministic=deterministic, check_invariants=check_invariants)
+                super().replay(
+                    text, threads=threads, deterministic=deterministic, check_invariants=check_invariants, time=time
+                )
             )
 
     def run(  # type: ignore[override]

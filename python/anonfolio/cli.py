@@ -204,6 +204,13 @@ def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Opti
         sys.stdout.write(json.dumps(d) + "\n")
     else:
         sys.stdout.write(stats.table(title=title) + "\n")
+        t = stats.to_dict().get("time")
+        if t:
+            lat = t["fault_latency_ns"]
+            sys.stdout.write(
+                f"virtual time: {t['elapsed_ns'] / 1e6:.3f} ms elapsed, fault latency mean {lat['mean']:.0f} ns "
+                f"p50 {lat['p50']} p99 {lat['p99']} max {lat['max']}\n"
+                "  lock waits (ns): " + ", ".join(f"{k} {v}" for k, v in t["lock_wait_ns"].items()) + "\n")
     sys.stdout.flush()
 
 
@@ -232,6 +239,29 @@ def _read_trace(path: str) -> str:
         raise CliError(f"trace {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
 
 
+def _time_costs(args: argparse.Namespace) -> Optional[dict[str, float]]:
+    """``--time [PROFILE.json]``: the costs of the profile named (default:
+    the one shipped with the package), or None without ``--time``."""
+    if getattr(args, "time", None) is None:
+        return None
+    from .calibrate import CalibrateError, load_profile
+
+    try:
+        return {k: float(v) for k, v in load_profile(args.time or None)["costs"].items()}
+    except CalibrateError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrateError, run_calibrate
+
+    try:
+        run_calibrate(out=args.out, region_bytes=args.size, reps=args.reps, log=sys.stdout)
+    except CalibrateError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     path = args.trace
@@ -239,7 +269,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     sim = Simulator(cfg)
     extra = {"config": _json_config(cfg)}
     try:
-        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic)
+        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic, time=_time_costs(args))
     except _anonfolio.AnonfolioError as e:
         _fail_with_partial(e, args, extra)
     emit(s, args, title=f"replay {path}  ({_config_summary(cfg)})", extra=extra)
@@ -251,6 +281,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sim = Simulator(cfg)
     size = args.size if args.size is not None else _anonfolio.parse_bytes(DEFAULT_RUN_SIZE)
     kw: dict[str, Any] = dict(threads=args.threads, sharing=args.sharing, deterministic=args.deterministic)
+    if args.time is not None:
+        kw["time"] = _time_costs(args)
     for name in ("stride", "fraction", "seed", "iterations"):
         v = getattr(args, name)
         if v is not None:
@@ -373,6 +405,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------
 
 
+def _add_time_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time", nargs="?", const="", default=None, metavar="PROFILE.json",
+                   help="run in virtual time with this cost profile (default: the one shipped, measured by "
+                        "'anonfolio calibrate'); results gain a time object")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
@@ -391,6 +429,7 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--deterministic", type=_count(0), metavar="SEED",
                    help="a deterministic interleaving of the threads, seeded")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_time_option(r)
     r.set_defaults(func=cmd_replay)
 
     w = sub.add_parser("run", help="run a built-in workload",
@@ -411,7 +450,19 @@ def build_parser() -> ArgumentParser:
                    help="a deterministic interleaving of the threads, seeded")
     add_config_options(w)
     w.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_time_option(w)
     w.set_defaults(func=cmd_run)
+
+    cal = sub.add_parser("calibrate", help="measure this machine's kernel and fit a cost profile",
+                         description="Measure this kernel (write-fault latency per folio size, read faults, "
+                                     "unmap cost per folio size, page_fault1 at one thread), fit the cost profile "
+                                     "of --time, print every cost and how well the fit reproduces each measurement. "
+                                     "Needs root; sets the THP knobs (madvise mode, MADV_HUGEPAGE) and restores them.")
+    cal.add_argument("--out", metavar="PROFILE.json", help="write the profile here (default: only print it)")
+    cal.add_argument("--size", type=_bytes, default=256 << 20, metavar="BYTES",
+                     help="bytes faulted per measurement (default 256M)")
+    cal.add_argument("--reps", type=_count(1, 100), default=5, metavar="N", help="runs per figure (default 5)")
+    cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("experiment", help="canned experiments that write tables and plots")
     esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT", parser_class=ArgumentParser)

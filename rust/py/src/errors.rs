@@ -248,10 +248,7 @@ fn install_panic_hook() {
             if GUARDED.try_with(Cell::get).unwrap_or(0) == 0 {
                 return previous(info);
             }
-            let loc = info
-                .location()
-                .map(|l| format!(" at {}:{}", l.file(), l.line()))
-                .unwrap_or_default();
+            let loc = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
             let msg = payload_str(info.payload());
             let _ = LAST_PANIC.try_with(|last| {
                 if let Ok(mut last) = last.try_borrow_mut() {
@@ -314,10 +311,7 @@ pub fn guard<T>(f: impl FnOnce() -> T) -> Result<T, Panic> {
         panic::catch_unwind(AssertUnwindSafe(f))
     };
     r.map_err(|p| {
-        let recorded = LAST_PANIC
-            .try_with(|last| last.borrow_mut().take())
-            .ok()
-            .flatten();
+        let recorded = LAST_PANIC.try_with(|last| last.borrow_mut().take()).ok().flatten();
         Panic(recorded.unwrap_or_else(|| payload_str(&*p)))
     })
 }

@@ -58,15 +58,25 @@ pub enum Step {
     FreePcp,
     /// `__free_one_page` into the buddy lists, per block (zone->lock held).
     FreeBuddy,
+    /// `free_pages_prepare` (`free_tail_page_prepare` and the page checks),
+    /// per page of a freed folio: what makes freeing linear in its size.
+    FreePage,
     /// `__page_cache_release` of a freed folio, under the lruvec lock.
     LruDel,
+    /// A large folio's own work at fault time (`prep_compound_page`, the
+    /// mTHP order checks and counters), per large folio.
+    PrepLargeFolio,
+    /// A large folio's own work when it is freed (`folio_undo_large_rmappable`,
+    /// the deferred-split checks, `free_pages_prepare` of a compound page),
+    /// per large folio.
+    FreeLargeFolio,
     /// `tlb_finish_mmu`: the TLB flush that ends an unmap.
     TlbFlush,
     /// Entry and exit of a system call that changes VMAs (mmap, munmap, madvise).
     Syscall,
 }
 
-pub const NR_STEPS: usize = 22;
+pub const NR_STEPS: usize = 25;
 
 impl Step {
     pub const ALL: [Step; NR_STEPS] = [
@@ -89,7 +99,10 @@ impl Step {
         Step::ZapFolio,
         Step::FreePcp,
         Step::FreeBuddy,
+        Step::FreePage,
         Step::LruDel,
+        Step::PrepLargeFolio,
+        Step::FreeLargeFolio,
         Step::TlbFlush,
         Step::Syscall,
     ];
@@ -116,7 +129,10 @@ impl Step {
             Step::ZapFolio => "zap_folio",
             Step::FreePcp => "free_pcp",
             Step::FreeBuddy => "free_buddy",
+            Step::FreePage => "free_page",
             Step::LruDel => "lru_del",
+            Step::PrepLargeFolio => "prep_large_folio",
+            Step::FreeLargeFolio => "free_large_folio",
             Step::TlbFlush => "tlb_flush",
             Step::Syscall => "syscall",
         }
@@ -192,7 +208,10 @@ impl Default for CostProfile {
             (Step::ZapFolio, 60.0),
             (Step::FreePcp, 40.0),
             (Step::FreeBuddy, 60.0),
+            (Step::FreePage, 10.0),
             (Step::LruDel, 25.0),
+            (Step::PrepLargeFolio, 300.0),
+            (Step::FreeLargeFolio, 200.0),
             (Step::TlbFlush, 500.0),
             (Step::Syscall, 300.0),
         ] {

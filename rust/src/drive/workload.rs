@@ -256,7 +256,8 @@ fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>
         // Each task maps its own region, as will-it-scale's processes/threads do.
         let base = WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE);
         for _ in 0..w.iterations.max(1) {
-            mm.mmap(cpu, base, w.size, MmapFlags { hugepage: true, ..Default::default() }).map_err(|e| (done, e))?;
+            // Not advised, as will-it-scale maps it.
+            mm.mmap(cpu, base, w.size, MmapFlags::default()).map_err(|e| (done, e))?;
             let r = touch_pages(mm, cpu, (0..w.size / PAGE_SIZE).map(|p| base + p * PAGE_SIZE), true);
             done += r.map_err(|(n, e)| (done + n, e))?;
             mm.munmap(cpu, base, w.size).map_err(|e| (done, e))?;

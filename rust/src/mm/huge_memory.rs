@@ -49,6 +49,7 @@ impl MmInner {
             Some(pfn) => {
                 if self.memcg.mem_cgroup_charge(&mut cpu.stock, 1 << PMD_ORDER) {
                     crate::drive::vtime::step_n(crate::drive::vtime::Step::ZeroKib, PMD_SIZE >> 10);
+                    crate::drive::vtime::step(crate::drive::vtime::Step::PrepLargeFolio);
                     return Some(pfn);
                 }
                 self.free_unmapped_folio(cpu, pfn, PMD_ORDER, false);

@@ -199,6 +199,7 @@ impl MmInner {
         if let Some(pfn) = self.vma_alloc_folio(cpu, order) {
             if self.memcg.mem_cgroup_charge(&mut cpu.stock, 1 << order) {
                 vtime::step_n(Step::ZeroKib, (PAGE_SIZE << order) >> 10);
+                vtime::step(Step::PrepLargeFolio);
                 return Some(pfn);
             }
             cpu.c().mthp[order].anon_fault_fallback_charge.inc();
