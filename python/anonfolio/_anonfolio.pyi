@@ -36,6 +36,7 @@ __all__ = [
     "_debug_panic",
     "build_profile",
     "check_trace",
+    "default_cost_profile",
     "kernel_replay",
     "normalize_config",
     "parse_bytes",

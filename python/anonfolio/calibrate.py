@@ -37,7 +37,7 @@ import platform
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import numpy as np
 
@@ -212,7 +212,11 @@ def measure(region_bytes: int = 256 << 20, reps: int = 5, log: Optional[TextIO] 
         raise CalibrateError("calibrate sets THP knobs in sysfs: run it as root")
     if not os.path.isdir(THP):
         raise CalibrateError(f"no {THP}: this kernel has no transparent huge pages")
-    say: Callable[[str], None] = (lambda s: (log.write(s + "\n"), log.flush()) and None) if log else (lambda s: None)
+    def say(text: str) -> None:
+        if log is not None:
+            log.write(text + "\n")
+            log.flush()
+
     out: dict[str, Any] = {"region_bytes": region_bytes, "reps": reps, "write_fault_ns": {}, "unmap_ns_per_folio": {},
                            "large_folio_share": {}}
     sizes = [kb for kb in SIZES_KB if kb == 4 or kb in _size_dirs()]
@@ -248,12 +252,13 @@ def measure(region_bytes: int = 256 << 20, reps: int = 5, log: Optional[TextIO] 
         out["zero_page_copy_ns"] = _median(cp[1:])
     say(f"  read fault {out['read_fault_ns']:.0f} ns, write to the zero page {out['zero_page_copy_ns']:.0f} ns")
     out["page_fault1_ns_per_page"] = {}
-    for label, kb in (("order0", None), ("64kB", 64)):
-        with thp_only(kb):
+    pf1_sizes: tuple[tuple[str, Optional[int]], ...] = (("order0", None), ("64kB", 64))
+    for label, pkb in pf1_sizes:
+        with thp_only(pkb):
             per = []
             for _ in range(reps + 1):
                 t0 = _now()
-                r = Region(128 << 20, MADV_HUGEPAGE if kb else MADV_NOHUGEPAGE)
+                r = Region(128 << 20, MADV_HUGEPAGE if pkb else MADV_NOHUGEPAGE)
                 r.write(PAGE)
                 r.unmap()
                 per.append((_now() - t0) / ((128 << 20) // PAGE))
@@ -332,7 +337,9 @@ def fit(m: dict[str, Any], sizes: Optional[list[int]] = None) -> dict[str, Any]:
     # PTE and freeing its page); a PMD-mapped one has no PTEs, so it gives
     # the freeing part alone.
     pte_sizes = sorted(kb for kb in un if kb < 2048)
-    u0, u1, u2 = _lstsq([[1.0, _pages(kb), 1.0 if kb > 4 else 0.0] for kb in pte_sizes], [un[kb] for kb in pte_sizes])
+    u0, u1, u2 = _lstsq(
+        [[1.0, _pages(kb), 1.0 if kb > 4 else 0.0] for kb in pte_sizes], [un[kb] for kb in pte_sizes]
+    )
     costs["free_large_folio_ns"] = u2
     free_page = base["free_page_ns"]
     if 2048 in un:
@@ -384,7 +391,8 @@ def provenance() -> dict[str, str]:
 # ----------------------------------------------------------------------------
 # Predictions: the same measurements, run by the simulator in virtual time.
 
-UNMAP_STEPS = ["zap_pte", "zap_folio", "free_pcp", "free_buddy", "free_page", "free_large_folio", "lru_del", "tlb_flush"]
+UNMAP_STEPS = ["zap_pte", "zap_folio", "free_pcp", "free_buddy", "free_page", "free_large_folio", "lru_del",
+               "tlb_flush"]
 
 
 def _sim(size_kb: Optional[int], memory: int) -> Any:
@@ -428,13 +436,14 @@ def predict(costs: dict[str, float], region_bytes: int = 256 << 20) -> dict[str,
     out["read_fault_ns"] = r["fault_latency_ns"]["mean"]
     out["zero_page_copy_ns"] = (rw["elapsed_ns"] - r["elapsed_ns"]) / pages
     out["page_fault1_ns_per_page"] = {}
-    for label, kb in (("order0", None), ("64kB", 64)):
+    pf1_sizes: tuple[tuple[str, Optional[int]], ...] = (("order0", None), ("64kB", 64))
+    for label, pkb in pf1_sizes:
         from .api import Simulator
         from .config import Config
 
         hp = {f"{k}kB": "never" for k in SIZES_KB if k != 4}
-        if kb:
-            hp[f"{kb}kB"] = "always"
+        if pkb:
+            hp[f"{pkb}kB"] = "always"
         s = Simulator(Config(hugepages=hp, memory=mem)).run("page_fault1", 128 << 20, time=costs).to_dict()
         out["page_fault1_ns_per_page"][label] = s["time"]["elapsed_ns"] / ((128 << 20) // PAGE)
     return out

@@ -330,6 +330,19 @@ def cmd_race_policies(args: argparse.Namespace) -> int:
 def cmd_scaling(args: argparse.Namespace) -> int:
     from . import experiments
 
+    if args.time is not None:
+        from .experiments._scaling_time import DEFAULT_CPUS, scaling_time
+
+        costs = _time_costs(args)
+        assert costs is not None
+        # Without --threads: 1 to 256 simulated CPUs; 16 MiB per CPU, 2 loops.
+        cpus = DEFAULT_CPUS if args.threads == [1, 2, 4] else args.threads
+        size = args.size or (16 << 20)
+        iters = 2 if args.iterations == 10 else args.iterations
+        sys.stdout.write(f"page_fault1 in virtual time: {size >> 20} MiB per CPU, {iters} loops\n")
+        scaling_time(costs, cpus=cpus, size=size, iterations=iters, out=args.out, log=sys.stdout)
+        return 0
+
     cfg = config_from_args(args)
     if not (args.thp or args.thp_enabled):
         cfg = cfg.replace(enabled=experiments.RACE_POLICIES_CONFIG.enabled,
@@ -535,6 +548,9 @@ def build_parser() -> ArgumentParser:
                     help="page_fault1: map-touch-unmap loops per thread (default 10)")
     sc.add_argument("--repeat", type=_count(1, 100), default=3, metavar="N", help="runs per point (default 3)")
     sc.add_argument("--out", metavar="DIR", help="also write scaling.csv, scaling.md and scaling.png here")
+    sc.add_argument("--time", nargs="?", const="", default=None, metavar="PROFILE.json",
+                    help="page_fault1 in virtual time on simulated CPUs (default 1..256, 16 MiB each, 2 loops) "
+                         "with this cost profile (default: the one shipped)")
     sc.add_argument("--no-plots", action="store_true", help="no PNG")
     add_config_options(sc)
     sc.set_defaults(func=cmd_scaling)
