@@ -198,8 +198,6 @@ impl MmInner {
     pub(crate) fn try_alloc_order(&self, cpu: &mut Cpu, order: usize) -> Option<u64> {
         if let Some(pfn) = self.vma_alloc_folio(cpu, order) {
             if self.memcg.mem_cgroup_charge(&mut cpu.stock, 1 << order) {
-                vtime::step_n(Step::ZeroKib, (PAGE_SIZE << order) >> 10);
-                vtime::step(Step::PrepLargeFolio);
                 return Some(pfn);
             }
             cpu.c().mthp[order].anon_fault_fallback_charge.inc();
@@ -229,6 +227,9 @@ impl MmInner {
                 Policy::Preferred => crate::policy::preferred::alloc_anon_folio(self, cpu, vma, t, addr, orders),
             };
             if let Some(folio) = got {
+                // folio_zero_user() of whichever policy's folio, and its prep.
+                vtime::step_n(Step::ZeroKib, (PAGE_SIZE << folio.1) >> 10);
+                vtime::step(Step::PrepLargeFolio);
                 return Ok(folio);
             }
         }
