@@ -105,6 +105,8 @@ pub(crate) fn with_timed(f: impl FnOnce(&mut Timed, usize)) {
     with_timed_slow(addr, f);
 }
 
+#[cold]
+#[inline(never)]
 fn with_timed_slow(addr: usize, f: impl FnOnce(&mut Timed, usize)) {
     let Some(ctx) = current(addr) else { return };
     let me = ctx.running.get();
