@@ -26,7 +26,11 @@ fn main() {
             sharing: Sharing::Interleaved,
             ..Default::default()
         };
-        let r = workload::run_workload(&mm, &w, &RunOptions { threads, deterministic: None, check_invariants: true });
+        let r = workload::run_workload(
+            &mm,
+            &w,
+            &RunOptions { threads, deterministic: None, check_invariants: true, ..Default::default() },
+        );
         if let Some(e) = r.error {
             eprintln!("round {round}: {e}");
             std::process::exit(1);

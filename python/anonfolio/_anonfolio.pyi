@@ -36,6 +36,7 @@ __all__ = [
     "_debug_panic",
     "build_profile",
     "check_trace",
+    "default_cost_profile",
     "kernel_replay",
     "normalize_config",
     "parse_bytes",
@@ -138,6 +139,9 @@ def normalize_config(config: _ConfigArg = None, **fields: Any) -> ConfigDict:
         ConfigError: a value out of its domain, or an unknown field.
     """
 
+def default_cost_profile() -> list[tuple[str, float]]:
+    """The simulator's built-in cost profile: ``(NAME_ns, ns)`` pairs."""
+
 def check_trace(trace: str) -> int:
     """Parses a trace without running it; returns its number of operations.
 
@@ -239,10 +243,13 @@ class Simulator:
         threads: int = 1,
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
+        time: Optional[Mapping[str, float]] = None,
     ) -> RunDict:
         """Replays a trace (its text) with the GIL released. ``threads``:
         simulated CPUs on host threads (each ``@T`` thread runs its own lines
-        in order); ``deterministic``: the seed of a deterministic interleaving.
+        in order); ``deterministic``: the seed of a deterministic interleaving;
+        ``time``: run in virtual time with these costs (``NAME_ns`` to
+        nanoseconds; the result then has a ``time`` dict).
         Returns the figures (a dict with the keys of the JSON contract, plus
         ``ops``: operations completed).
 
@@ -266,6 +273,7 @@ class Simulator:
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
         advice: Optional[str] = None,
+        time: Optional[Mapping[str, float]] = None,
     ) -> RunDict:
         """Maps a VMA of ``size`` bytes (default 1 GiB) with ``advice``
         (``hugepage``: MADV_HUGEPAGE, ``nohugepage``, ``none``; None is

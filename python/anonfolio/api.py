@@ -193,6 +193,7 @@ class Simulator(_anonfolio.Simulator):
         threads: int = 1,
         deterministic: Optional[int] = None,
         check_invariants: Optional[bool] = None,
+        time: Optional[Mapping[str, float]] = None,
     ) -> Stats:
         """Replays a trace (format: docs/trace-format.md): its text (``str``),
         ``bytes``, or a file: a path-like object, or a ``str`` of one line that
@@ -202,7 +203,9 @@ class Simulator(_anonfolio.Simulator):
         text = _trace_text(trace)
         with _wrapped_error_stats():
             return Stats(
-                super().replay(text, threads=threads, deterministic=deterministic, check_invariants=check_invariants)
+                super().replay(
+                    text, threads=threads, deterministic=deterministic, check_invariants=check_invariants, time=time
+                )
             )
 
     def run(  # type: ignore[override]

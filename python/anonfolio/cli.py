@@ -225,6 +225,13 @@ def emit(stats: Stats, args: argparse.Namespace, *, title: str = "", extra: Opti
         sys.stdout.write(json.dumps(d) + "\n")
     else:
         sys.stdout.write(stats.table(title=title) + "\n")
+        t = stats.to_dict().get("time")
+        if t:
+            lat = t["fault_latency_ns"]
+            sys.stdout.write(
+                f"virtual time: {t['elapsed_ns'] / 1e6:.3f} ms elapsed, fault latency mean {lat['mean']:.0f} ns "
+                f"p50 {lat['p50']} p99 {lat['p99']} max {lat['max']}\n"
+                "  lock waits (ns): " + ", ".join(f"{k} {v}" for k, v in t["lock_wait_ns"].items()) + "\n")
     sys.stdout.flush()
 
 
@@ -259,6 +266,29 @@ def _read_trace(path: str) -> str:
         raise CliError(f"trace {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
 
 
+def _time_costs(args: argparse.Namespace) -> Optional[dict[str, float]]:
+    """``--time [PROFILE.json]``: the costs of the profile named (default:
+    the one shipped with the package), or None without ``--time``."""
+    if getattr(args, "time", None) is None:
+        return None
+    from .calibrate import CalibrateError, load_profile
+
+    try:
+        return {k: float(v) for k, v in load_profile(args.time or None)["costs"].items()}
+    except CalibrateError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrateError, run_calibrate
+
+    try:
+        run_calibrate(out=args.out, region_bytes=args.size, reps=args.reps, log=sys.stdout)
+    except CalibrateError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     path = args.trace
@@ -268,7 +298,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
              "deterministic": args.deterministic}
     title = f"replay {path}  ({_config_summary(cfg)})"
     try:
-        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic)
+        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic, time=_time_costs(args))
     except _anonfolio.AnonfolioError as e:
         _fail_with_partial(e, args, extra, title)
     emit(s, args, title=title, extra=extra)
@@ -282,6 +312,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         PAGE_FAULT1_SIZE if args.workload == "page_fault1" else DEFAULT_RUN_SIZE)
     kw: dict[str, Any] = dict(threads=args.threads, sharing=args.sharing, deterministic=args.deterministic,
                               advice=args.advice or default_advice(args.workload))
+    if args.time is not None:
+        kw["time"] = _time_costs(args)
     for name in ("stride", "fraction", "seed", "iterations"):
         v = getattr(args, name)
         kw[name] = v if v is not None else workload_default(args.workload, name)
@@ -329,6 +361,16 @@ def default_advice(workload: str) -> str:
 def cmd_race_policies(args: argparse.Namespace) -> int:
     from . import experiments
 
+    if args.time is not None:
+        from .experiments._race_time import race_policies_time
+
+        costs = _time_costs(args)
+        assert costs is not None
+        sys.stdout.write("race policies in virtual time (interleaved sequential writes, medians over seeds):\n")
+        race_policies_time(costs, policies=args.policies, cpus=args.cpus, size=args.size or (48 << 20),
+                           seeds=args.seeds, first_seed=args.deterministic, out=args.out, log=sys.stdout)
+        return 0
+
     for p in args.policies:
         if p not in POLICIES:
             raise CliError(f"unknown policy {p!r} (want {', '.join(POLICIES)})")
@@ -356,6 +398,19 @@ def cmd_race_policies(args: argparse.Namespace) -> int:
 
 def cmd_scaling(args: argparse.Namespace) -> int:
     from . import experiments
+
+    if args.time is not None:
+        from .experiments._scaling_time import DEFAULT_CPUS, scaling_time
+
+        costs = _time_costs(args)
+        assert costs is not None
+        # Without --threads: 1 to 256 simulated CPUs; 16 MiB per CPU, 2 loops.
+        cpus = DEFAULT_CPUS if args.threads == [1, 2, 4] else args.threads
+        size = args.size or (16 << 20)
+        iters = 2 if args.iterations == 10 else args.iterations
+        sys.stdout.write(f"page_fault1 in virtual time: {size >> 20} MiB per CPU, {iters} loops\n")
+        scaling_time(costs, cpus=cpus, size=size, iterations=iters, out=args.out, log=sys.stdout)
+        return 0
 
     cfg = config_from_args(args)
     if not (args.thp or args.thp_enabled):
@@ -544,6 +599,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------
 
 
+def _add_time_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time", nargs="?", const="", default=None, metavar="PROFILE.json",
+                   help="run in virtual time with this cost profile (default: the one shipped, measured by "
+                        "'anonfolio calibrate'); results gain a time object")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
@@ -564,6 +625,7 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--deterministic", type=_count(0), metavar="SEED",
                    help="a deterministic interleaving of the threads, seeded")
     r.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_time_option(r)
     r.set_defaults(func=cmd_replay)
 
     w = sub.add_parser("run", help="run a built-in workload",
@@ -592,7 +654,19 @@ def build_parser() -> ArgumentParser:
                    help="a deterministic interleaving of the threads, seeded")
     add_config_options(w)
     w.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_time_option(w)
     w.set_defaults(func=cmd_run)
+
+    cal = sub.add_parser("calibrate", help="measure this machine's kernel and fit a cost profile",
+                         description="Measure this kernel (write-fault latency per folio size, read faults, "
+                                     "unmap cost per folio size, page_fault1 at one thread), fit the cost profile "
+                                     "of --time, print every cost and how well the fit reproduces each measurement. "
+                                     "Needs root; sets the THP knobs (madvise mode, MADV_HUGEPAGE) and restores them.")
+    cal.add_argument("--out", metavar="PROFILE.json", help="write the profile here (default: only print it)")
+    cal.add_argument("--size", type=_bytes, default=256 << 20, metavar="BYTES",
+                     help="bytes faulted per measurement (default 256M)")
+    cal.add_argument("--reps", type=_count(1, 100), default=5, metavar="N", help="runs per figure (default 5)")
+    cal.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("experiment", help="canned experiments that write tables and plots")
     esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT", parser_class=ArgumentParser)
@@ -647,6 +721,9 @@ def build_parser() -> ArgumentParser:
     rp.add_argument("--no-plots", action="store_true", help="no PNGs")
     rp.add_argument("--quiet", action="store_true",
                     help="no progress (bars, shown on a terminal, and notes) on stderr; print the path of results.md")
+    rp.add_argument("--time", nargs="?", const="", default=None, metavar="PROFILE.json",
+                    help="instead: each policy in virtual time with this cost profile (default: the one shipped): "
+                         "elapsed, fault latency, races and the zeroing lost to them")
     rp.set_defaults(func=cmd_race_policies)
 
     sc = esub.add_parser(
@@ -666,6 +743,9 @@ def build_parser() -> ArgumentParser:
                     help="page_fault1: map-touch-unmap loops per thread (default 10)")
     sc.add_argument("--repeat", type=_count(1, 100), default=3, metavar="N", help="runs per point (default 3)")
     sc.add_argument("--out", metavar="DIR", help="also write scaling.csv, scaling.md and scaling.png here")
+    sc.add_argument("--time", nargs="?", const="", default=None, metavar="PROFILE.json",
+                    help="page_fault1 in virtual time on simulated CPUs (default 1..256, 16 MiB each, 2 loops) "
+                         "with this cost profile (default: the one shipped)")
     sc.add_argument("--no-plots", action="store_true", help="no PNG")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
     add_config_options(sc, knob_defaults="enabled=madvise, 16kB, 64kB and 256kB always, 2048kB never, "

@@ -42,6 +42,7 @@ pub const MAX_PAGE_ORDER: usize = 10;
 pub use config::{Config, Enabled, MemoryConfig, OnRace, Policy, SizeMode};
 pub use drive::replay::replay;
 pub use drive::runner::{RunOptions, RunResult};
+pub use drive::vtime::{CostProfile, TimeStats};
 pub use drive::workload::{Sharing, Workload, WorkloadKind};
 pub use error::{Error, Result};
 pub use mm::vmstat::Stats;

@@ -13,6 +13,7 @@ mod convert;
 mod errors;
 mod oracle;
 mod simulator;
+mod vtime;
 
 use errors::{guard_py, IntoPyResult};
 
@@ -105,6 +106,7 @@ fn _anonfolio(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<simulator::Simulator>()?;
     m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(vtime::default_cost_profile, m)?)?;
     m.add_function(wrap_pyfunction!(parse_thp_size, m)?)?;
     m.add_function(wrap_pyfunction!(size_name, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_config, m)?)?;

@@ -17,6 +17,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::convert::{bytes_arg, config_from_py, config_to_py, stats_to_py};
 use crate::errors::{config_err, guard, new_err, to_pyerr, IntoPyResult, Kind, Panic};
+use crate::vtime::{profile_from_py, time_to_py};
 
 /// A simulated process: its address space, page tables and the physical
 /// memory behind them, configured like `/sys/kernel/mm/transparent_hugepage/`.
@@ -78,6 +79,9 @@ impl Simulator {
         d.set_item("ops", r.ops_done)?;
         d.set_item("per_cpu_faults", r.per_cpu_faults.clone())?;
         d.set_item("fairness", r.fairness())?;
+        if let Some(t) = &r.time {
+            d.set_item("time", time_to_py(py, t)?)?;
+        }
         match &r.error {
             None => Ok(d),
             Some(e) => {
@@ -191,7 +195,7 @@ impl Simulator {
     }
 
     /// Replays a trace (the text, in the format of docs/trace-format.md).
-    #[pyo3(signature = (trace, *, threads = 1, deterministic = None, check_invariants = None))]
+    #[pyo3(signature = (trace, *, threads = 1, deterministic = None, check_invariants = None, time = None))]
     fn replay<'py>(
         &self,
         py: Python<'py>,
@@ -199,12 +203,14 @@ impl Simulator {
         threads: usize,
         deterministic: Option<u64>,
         check_invariants: Option<bool>,
+        time: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let threads = threads_arg(py, threads)?;
         let opts = RunOptions {
             threads,
             deterministic,
             check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
+            time: time.map(|d| profile_from_py(py, d)).transpose()?,
         };
         let mm: &Mm = &self.mm;
         let r = detached(py, move || {
@@ -223,7 +229,7 @@ impl Simulator {
     #[pyo3(signature = (
         workload = None, size = None, *, stride = None, fraction = None, seed = None,
         threads = 1, sharing = None, iterations = None, deterministic = None, check_invariants = None,
-        advice = None
+        advice = None, time = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
@@ -240,6 +246,7 @@ impl Simulator {
         deterministic: Option<u64>,
         check_invariants: Option<bool>,
         advice: Option<String>,
+        time: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let threads = threads_arg(py, threads)?;
         let kind = WorkloadKind::parse(workload.as_deref().unwrap_or("sequential")).py_err(py)?;
@@ -274,6 +281,7 @@ impl Simulator {
             threads,
             deterministic,
             check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
+            time: time.map(|d| profile_from_py(py, d)).transpose()?,
         };
         let mm: &Mm = &self.mm;
         let r = detached(py, move || anonfolio::workload::run_workload(mm, &w, &opts));

@@ -171,7 +171,7 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
         }
     }
     let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
-    if opts.threads > 1 || opts.deterministic.is_some() {
+    if opts.threads > 1 || opts.deterministic.is_some() || opts.time.is_some() {
         return run_parallel_ops(mm, ops, nthreads, opts);
     }
     // Serially, in file order; each trace thread still has its own CPU.
@@ -212,7 +212,7 @@ mod tests {
         let r = replay(
             &mm,
             &parse(RACE).unwrap(),
-            &RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true },
+            &RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true, ..Default::default() },
         );
         assert!(r.error.is_none(), "{:?}", r.error);
         r
@@ -237,7 +237,11 @@ mod tests {
             let mut c = Config::default();
             c.memory.phys_bytes = 64 << 20;
             let mm = Mm::new(c).unwrap();
-            let r = replay(&mm, &ops, &RunOptions { threads: 3, deterministic: det, check_invariants: true });
+            let r = replay(
+                &mm,
+                &ops,
+                &RunOptions { threads: 3, deterministic: det, check_invariants: true, ..Default::default() },
+            );
             assert!(r.error.is_none(), "{det:?}: {:?}", r.error);
             // 64 pages written, 16 unmapped, one more (page 64) written after.
             assert_eq!(r.stats.rss_pages, 64 - 16 + 1, "{det:?}");

@@ -1,7 +1,9 @@
 //! The multi-CPU runner: simulated CPUs on host threads of a rayon pool, or
-//! one at a time under the deterministic scheduler, and the result of a run.
+//! as coroutines on this thread under the deterministic scheduler, and the
+//! result of a run.
 
-use crate::drive::sched::DetSched;
+use crate::drive::sched::{Sched, Seeded, Timed};
+use crate::drive::vtime::{lock_addr, CostProfile, TimeStats, VTime};
 use crate::error::Error;
 use crate::mm::vmstat::Stats;
 use crate::mm::{Cpu, Mm};
@@ -16,6 +18,10 @@ pub struct RunOptions {
     pub deterministic: Option<u64>,
     /// Check the invariants at the end (and fail the run if they break).
     pub check_invariants: bool,
+    /// Run in virtual time with this cost profile (`--time`): CPUs are
+    /// coroutines run in the order of their clocks, seeded ties broken by
+    /// `deterministic` (default 0).
+    pub time: Option<CostProfile>,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +36,8 @@ pub struct RunResult {
     pub error: Option<Error>,
     /// Faults handled by each CPU of the run, for fairness.
     pub per_cpu_faults: Vec<u64>,
+    /// With [`RunOptions::time`]: the run's figures in virtual time.
+    pub time: Option<TimeStats>,
 }
 
 impl RunResult {
@@ -62,26 +70,57 @@ pub(crate) fn finish(
             error = Some(Error::Invariant(e));
         }
     }
-    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults }
+    RunResult { stats: mm.stats(), elapsed_s, ops_done, error, per_cpu_faults, time: None }
+}
+
+/// What one CPU's job returns: operations done, or those and the error.
+pub(crate) type JobResult = std::result::Result<u64, (u64, Error)>;
+
+/// Sums the CPUs' results: operations done and the first error, in CPU order.
+fn gather(results: impl IntoIterator<Item = JobResult>) -> (u64, Option<Error>) {
+    let mut done = 0;
+    let mut err = None;
+    for r in results {
+        match r {
+            Ok(k) => done += k,
+            Err((k, e)) => {
+                done += k;
+                err.get_or_insert(e);
+            }
+        }
+    }
+    (done, err)
 }
 
 /// Runs `job(t, cpu)` for every CPU at once: on host threads of a rayon
 /// pool (one worker per simulated CPU, so a CPU spinning on a lock never
-/// starves the holder of a worker), or, with `deterministic`, one at a time
-/// under a seeded [`DetSched`].
-/// What one CPU's job returns: operations done, or those and the error.
-pub(crate) type JobResult = std::result::Result<u64, (u64, Error)>;
-
+/// starves the holder of a worker), or, with `deterministic`, as coroutines
+/// on this thread, one at a time, switched by a seeded scheduler.
 pub(crate) fn run_cpus<F>(mm: &Mm, mut cpus: Vec<Cpu>, opts: &RunOptions, job: F) -> RunResult
 where
     F: Fn(usize, &mut Cpu) -> JobResult + Sync,
 {
     let n = cpus.len();
-    let sched = opts.deterministic.map(|seed| DetSched::new(n, seed, mm.config().preempt));
-    if let Some(s) = &sched {
-        for (i, cpu) in cpus.iter_mut().enumerate() {
-            cpu.sched = Some(s.hook(i));
+    if let Some(p) = &opts.time {
+        let vt = VTime::new(p, n, mm.alloc.zone_lock_addr(), lock_addr(&*mm.pt.page_table_lock));
+        let sched = Sched::Timed(Box::new(Timed::new(n, opts.deterministic.unwrap_or(0), vt)));
+        let t0 = Instant::now();
+        let (results, sched) = crate::drive::coro::run(&mut cpus, sched, &job);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (done, err) = gather(results);
+        let mut r = finish(mm, cpus, elapsed, done, err, opts.check_invariants);
+        if let Sched::Timed(t) = sched {
+            r.time = Some(t.vt.stats(&t.clock));
         }
+        return r;
+    }
+    if let Some(seed) = opts.deterministic {
+        let sched = Sched::Seeded(Seeded::new(n, seed, mm.config().preempt));
+        let t0 = Instant::now();
+        let (results, _) = crate::drive::coro::run(&mut cpus, sched, &job);
+        let elapsed = t0.elapsed().as_secs_f64();
+        let (done, err) = gather(results);
+        return finish(mm, cpus, elapsed, done, err, opts.check_invariants);
     }
     let pool = match rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("cpu{i}")).build() {
         Ok(p) => p,
@@ -93,16 +132,10 @@ where
     let t0 = Instant::now();
     pool.scope(|s| {
         for (t, cpu) in cpus.iter_mut().enumerate() {
-            let (job, results, sched) = (&job, &results, &sched);
+            let (job, results) = (&job, &results);
             s.spawn(move |_| {
-                if let Some(sc) = sched {
-                    sc.wait_turn(t);
-                }
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(t, cpu)))
                     .unwrap_or_else(|_| Err((0, Error::Config(format!("simulated CPU {t} panicked")))));
-                if let Some(sc) = sched {
-                    sc.finish(t);
-                }
                 results.lock().unwrap().push((t, r));
             });
         }
@@ -110,19 +143,6 @@ where
     let elapsed = t0.elapsed().as_secs_f64();
     let mut results = results.into_inner().unwrap();
     results.sort_by_key(|(t, _)| *t);
-    let mut done = 0;
-    let mut err = None;
-    for (_, r) in results {
-        match r {
-            Ok(k) => done += k,
-            Err((k, e)) => {
-                done += k;
-                err.get_or_insert(e);
-            }
-        }
-    }
-    for cpu in cpus.iter_mut() {
-        cpu.sched = None;
-    }
+    let (done, err) = gather(results.into_iter().map(|(_, r)| r));
     finish(mm, cpus, elapsed, done, err, opts.check_invariants)
 }

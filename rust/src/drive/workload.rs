@@ -281,7 +281,7 @@ pub fn run_workload(mm: &Mm, w: &Workload, opts: &RunOptions) -> RunResult {
         return finish(mm, vec![], 0.0, 0, Some(e), false);
     }
     let perm = (w.kind == WorkloadKind::Random).then(|| PermutationRef(Permutation::new(w.size / PAGE_SIZE, w.seed)));
-    if threads > 1 || opts.deterministic.is_some() {
+    if threads > 1 || opts.deterministic.is_some() || opts.time.is_some() {
         return run_parallel_workload(mm, w, perm.as_ref(), threads, opts);
     }
     let mut cpu = mm.cpu(0);
@@ -385,7 +385,11 @@ mod tests {
 
     fn run(c: Config, w: &Workload, threads: usize, det: Option<u64>) -> RunResult {
         let mm = Mm::new(c).unwrap();
-        let r = run_workload(&mm, w, &RunOptions { threads, deterministic: det, check_invariants: true });
+        let r = run_workload(
+            &mm,
+            w,
+            &RunOptions { threads, deterministic: det, check_invariants: true, ..Default::default() },
+        );
         assert!(r.error.is_none(), "{:?}", r.error);
         r
     }

@@ -48,6 +48,8 @@ impl MmInner {
         match self.vma_alloc_folio(cpu, PMD_ORDER) {
             Some(pfn) => {
                 if self.memcg.mem_cgroup_charge(&mut cpu.stock, 1 << PMD_ORDER) {
+                    crate::drive::vtime::step_n(crate::drive::vtime::Step::ZeroKib, PMD_SIZE >> 10);
+                    crate::drive::vtime::step(crate::drive::vtime::Step::PrepLargeFolio);
                     return Some(pfn);
                 }
                 self.free_unmapped_folio(cpu, pfn, PMD_ORDER, false);
@@ -79,6 +81,7 @@ impl MmInner {
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, true);
         pmd.store(mk_huge_pmd(pfn), Release);
+        crate::drive::vtime::step(crate::drive::vtime::Step::SetPte);
         let c = cpu.c();
         c.rss.add(512);
         c.vm.thp_fault_alloc.inc();
@@ -205,6 +208,7 @@ impl MmInner {
             return;
         }
         let pfn = pte_pfn(v);
+        crate::drive::vtime::zap_folio_ptes(1);
         cpu.c().rss.sub(512);
         self.folio_remove_rmap_pmd(cpu, pfn);
         self.folio_put_refs(cpu, pfn, PMD_ORDER, 1);

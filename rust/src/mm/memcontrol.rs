@@ -42,6 +42,7 @@ impl MemCg {
     /// `mem_cgroup_charge()` for `nr` pages from a CPU whose stock is `stock`.
     #[inline(always)]
     pub fn mem_cgroup_charge(&self, stock: &mut u64, nr: u64) -> bool {
+        crate::drive::vtime::step(crate::drive::vtime::Step::MemcgCharge);
         if *stock >= nr {
             *stock -= nr;
             return true;

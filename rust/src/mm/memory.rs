@@ -9,6 +9,7 @@
 //! [`MmapReadGuard`] is where the fault path starts), unmapping for write.
 
 use crate::config::{OnRace, Policy};
+use crate::drive::vtime::{self, Step};
 use crate::error::{Error, Result};
 use crate::mm::huge_memory::align_down;
 use crate::mm::mmap_lock::MmapReadGuard;
@@ -105,15 +106,20 @@ impl MmInner {
                 cpu.c().race.refaults.inc();
             }
             tries += 1;
+            vtime::fault_begin();
+            vtime::step(Step::VmaLookup);
             let Some(vma) = self.lookup(g, cpu, addr) else {
                 return Err(Error::Segv(addr));
             };
             // access_error(): checked by the arch fault handler before
             // handle_mm_fault, so a SIGSEGV here counts no fault.
             if let Some(what) = access_error(vma, write) {
+                vtime::fault_end();
                 return Err(Error::SegvAccess { addr, what });
             }
-            if self.handle_mm_fault(cpu, vma, addr, write, walked).map_err(|_| Error::Oom(addr))? == Fault::Mapped {
+            let r = self.handle_mm_fault(cpu, vma, addr, write, walked);
+            vtime::fault_end();
+            if r.map_err(|_| Error::Oom(addr))? == Fault::Mapped {
                 if !(STORE && write) {
                     return Ok(());
                 }
@@ -136,6 +142,7 @@ impl MmInner {
         pmd: Option<&AtomicU64>,
     ) -> VmResult<Fault> {
         cpu.c().vm.pgfault.inc();
+        vtime::step(Step::PtWalk);
         let pmd = match pmd {
             Some(p) => p,
             None => self.pt.pmd_alloc(addr, &cpu.pc.page_table_lock),
@@ -251,6 +258,7 @@ impl MmInner {
             self.free_unmapped_folio(cpu, pfn, 0, false);
             return Err(Oom);
         }
+        vtime::step_n(Step::ZeroKib, PAGE_SIZE >> 10);
         Ok(pfn)
     }
 
@@ -289,6 +297,9 @@ impl MmInner {
                 Policy::Preferred => crate::policy::preferred::alloc_anon_folio(self, cpu, vma, t, addr, orders),
             };
             if let Some(folio) = got {
+                // folio_zero_user() of whichever policy's folio, and its prep.
+                vtime::step_n(Step::ZeroKib, (PAGE_SIZE << folio.1) >> 10);
+                vtime::step(Step::PrepLargeFolio);
                 return Ok(folio);
             }
         }
@@ -403,6 +414,7 @@ impl MmInner {
             }
             a = next;
         }
+        vtime::tlb_finish_mmu();
         cpu.sync_pcp_gauge();
     }
 
@@ -448,6 +460,7 @@ impl MmInner {
             }
             t.ptep_get_and_clear(i);
             if pte & PTE_ZERO != 0 {
+                vtime::step(Step::ZapPte);
                 i += 1;
                 continue;
             }
@@ -465,6 +478,7 @@ impl MmInner {
                 nr += 1;
             }
             cpu.c().rss.sub(nr as u64);
+            vtime::zap_folio_ptes(nr as u64);
             self.folio_remove_rmap_ptes(cpu, head, order, nr as u32);
             self.folio_put_refs(cpu, head, order, nr as u32);
             i += nr;

@@ -373,6 +373,7 @@ impl MmInner {
         cpu: &mut Cpu,
         f: impl FnOnce(&MmInner, &mut MmapWriteGuard<'_>, &mut Cpu) -> Result<T>,
     ) -> Result<T> {
+        crate::drive::vtime::step(crate::drive::vtime::Step::Syscall);
         let mut g = self.mmap_write_lock(cpu);
         self.update_hiwater_rss();
         let r = f(self, &mut g, cpu);

@@ -198,6 +198,11 @@ impl PageAlloc {
 
     /// `pfn_to_page()`. Panics for a frame outside the memory map.
     #[inline(always)]
+    /// The address `zone->lock` is known by in virtual time.
+    pub(crate) fn zone_lock_addr(&self) -> usize {
+        crate::drive::vtime::lock_addr(&*self.zone)
+    }
+
     pub fn page(&self, pfn: u64) -> &Page {
         self.map.get(pfn)
     }
@@ -211,6 +216,7 @@ impl PageAlloc {
         if pcp_allowed_order(order) {
             let i = pcp_index(order);
             if let Some(pfn) = pcp.lists[i].pop() {
+                crate::drive::vtime::step(crate::drive::vtime::Step::PcpAlloc);
                 pcp.count -= 1 << order;
                 return Some(pfn as u64);
             }
@@ -248,12 +254,14 @@ impl PageAlloc {
                 }
             }
             pcp.count += got << order;
+            crate::drive::vtime::step_n(crate::drive::vtime::Step::RmqueueBulk, got);
             drop(z);
             let pfn = pcp.lists[i].pop()?;
             pcp.count -= 1 << order;
             Some(pfn as u64)
         } else {
             let mut z = self.zone.lock(zl);
+            crate::drive::vtime::step(crate::drive::vtime::Step::RmqueueBuddy);
             self.__rmqueue_smallest(&mut z, order)
         }
     }
@@ -268,12 +276,14 @@ impl PageAlloc {
         if pcp_allowed_order(order) {
             let i = pcp_index(order);
             pcp.lists[i].push(pfn as u32);
+            crate::drive::vtime::step(crate::drive::vtime::Step::FreePcp);
             pcp.count += 1 << order;
             if pcp.count > PCP_HIGH {
                 self.drain_pcp(pcp, PCP_BATCH, zl);
             }
         } else {
             let mut z = self.zone.lock(zl);
+            crate::drive::vtime::step(crate::drive::vtime::Step::FreeBuddy);
             self.__free_one_page(&mut z, pfn, order);
         }
     }
@@ -292,6 +302,7 @@ impl PageAlloc {
             for i in 0..NR_PCP_LISTS {
                 let order = if i == PAGE_ALLOC_COSTLY_ORDER + 1 { PMD_ORDER } else { i };
                 let want = ((pages - freed).div_ceil(1 << order)).min(pcp.lists[i].len() as u64) as usize;
+                crate::drive::vtime::step_n(crate::drive::vtime::Step::FreeBuddy, want as u64);
                 for pfn in pcp.lists[i].drain(..want) {
                     self.__free_one_page(&mut z, pfn as u64, order);
                 }

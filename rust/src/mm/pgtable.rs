@@ -170,6 +170,7 @@ impl PteTable {
     /// kernel's `__folio_mark_uptodate` barrier) before the entries.
     #[inline(always)]
     pub fn set_ptes(&self, i: usize, pte: u64, nr: usize) {
+        crate::drive::vtime::step_n(crate::drive::vtime::Step::SetPte, nr as u64);
         let step = if pte & PTE_ZERO != 0 { 0 } else { 1 << PTE_PFN_SHIFT };
         for (k, e) in self.ptes[i..i + nr].iter().enumerate() {
             e.store(pte + step * k as u64, Release);
@@ -405,6 +406,7 @@ impl PageTable {
         }
         pmd.store(new, Release);
         self.nr_ptes.fetch_add(1, Relaxed);
+        crate::drive::vtime::step(crate::drive::vtime::Step::PteAlloc);
         (true, true)
     }
 

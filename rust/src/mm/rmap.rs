@@ -15,6 +15,8 @@ impl MmInner {
     #[inline(always)]
     pub(crate) fn folio_add_new_anon_rmap(&self, cpu: &Cpu, folio: &Page, order: usize, nr: u32, pmd_mapped: bool) {
         folio.init_folio(order, if pmd_mapped { PG_PMD_MAPPED } else { 0 }, nr);
+        // In virtual time also folio_add_lru_vma(), which every caller does next.
+        crate::drive::vtime::rmap_and_lru_add(order > 0);
         if order > 0 {
             cpu.c().mthp[order].nr_anon.inc();
         }

@@ -58,6 +58,7 @@ impl<T> SpinLock<T> {
         if self.locked.compare_exchange_weak(false, true, Acquire, Relaxed).is_err() {
             self.lock_contended(st);
         }
+        crate::drive::vtime::lock_acquired(crate::drive::vtime::lock_addr(self));
         SpinGuard { lock: self }
     }
 
@@ -93,6 +94,7 @@ pub struct SpinGuard<'a, T> {
 impl<T> Drop for SpinGuard<'_, T> {
     #[inline(always)]
     fn drop(&mut self) {
+        crate::drive::vtime::lock_released(crate::drive::vtime::lock_addr(self.lock));
         self.lock.locked.store(false, Release);
     }
 }

@@ -20,6 +20,7 @@ impl MmInner {
     /// `free_pages_prepare`), uncharged, freed.
     #[allow(non_snake_case)]
     pub(crate) fn __folio_put(&self, cpu: &mut Cpu, head: u64, order: usize) {
+        crate::drive::vtime::lru_del();
         let info = self.alloc.page(head).info();
         if order > 0 {
             let c = cpu.c();
@@ -39,6 +40,8 @@ impl MmInner {
             self.memcg.mem_cgroup_uncharge(&mut cpu.stock, 1 << order);
         }
         cpu.c().vm.pgfree.add(1 << order);
+        crate::drive::vtime::step_n(crate::drive::vtime::Step::FreePage, 1 << order);
+        crate::drive::vtime::step_n(crate::drive::vtime::Step::FreeLargeFolio, u64::from(order > 0));
         self.alloc.free_frozen_pages(&mut cpu.pcp, pfn, order, &cpu.pc.zone_lock);
     }
 }
