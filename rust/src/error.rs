@@ -13,6 +13,10 @@ pub enum Error {
     Overlap(String),
     /// An access outside every VMA: the process would get SIGSEGV.
     Segv(u64),
+    /// An access the VMA does not permit (a write to a read-only VMA, any
+    /// access to a PROT_NONE one, a stack growth the kernel refuses): the
+    /// process would get SIGSEGV. `what` says why.
+    SegvAccess { addr: u64, what: &'static str },
     /// An option value out of its domain (unknown size, mode, policy...).
     Config(String),
     /// The simulated machine ran out of physical memory (VM_FAULT_OOM).
@@ -40,6 +44,7 @@ impl fmt::Display for Error {
         match self {
             Error::Parse(m) | Error::InvalidRange(m) | Error::Overlap(m) | Error::Config(m) => f.write_str(m),
             Error::Segv(a) => write!(f, "segmentation fault: access at {a:#x} is outside every VMA"),
+            Error::SegvAccess { addr, what } => write!(f, "segmentation fault: {what} at {addr:#x}"),
             Error::Oom(a) => write!(f, "out of memory handling the fault at {a:#x} (VM_FAULT_OOM)"),
             Error::Oracle(m) => write!(f, "kernel oracle: {m}"),
             Error::Invariant(m) => write!(f, "invariant violated: {m}"),

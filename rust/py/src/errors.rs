@@ -198,6 +198,11 @@ pub fn to_pyerr(py: Python<'_>, e: &Error) -> PyErr {
                 Kind::Oom
             }
         }
+        Error::SegvAccess { addr, .. } => {
+            let Ok(a) = addr.into_pyobject(py);
+            attrs.push(("address", a.into_any().unbind()));
+            Kind::Segv
+        }
         Error::Oracle(_) => Kind::Oracle,
         #[allow(unreachable_patterns)]
         _ => Kind::Base,

@@ -16,9 +16,9 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
         OpKind::Mmap { addr, len, flags } => mm.mmap(cpu, addr, len, flags),
         OpKind::Munmap { addr, len } => mm.munmap(cpu, addr, len),
         OpKind::Madvise { addr, len, advice } => mm.madvise(cpu, addr, len, advice),
-        OpKind::Mprotect { .. } | OpKind::Mremap { .. } | OpKind::Brk { .. } => {
-            Err(Error::Config("mprotect, mremap and brk are not modelled yet".into()))
-        }
+        OpKind::Mprotect { addr, len, prot } => mm.mprotect(cpu, addr, len, prot),
+        OpKind::Mremap { old_addr, old_len, new_addr, new_len } => mm.mremap(cpu, old_addr, old_len, new_addr, new_len),
+        OpKind::Brk { addr } => mm.brk(cpu, addr),
     };
     r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
 }

@@ -3,9 +3,9 @@
 //! PMD-mapped THP.
 
 use crate::mm::memory::{Fault, VmResult};
-use crate::mm::mm_types::PG_PMD_MAPPED;
+use crate::mm::mm_types::{PG_PARTIALLY_MAPPED, PG_PMD_MAPPED};
 use crate::mm::pgtable::*;
-use crate::mm::vma::Vma;
+use crate::mm::vma::{Vma, VmaTree};
 use crate::mm::{Cpu, MmInner, Point};
 use crate::sync::AtomicU64;
 use crate::{PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
@@ -68,6 +68,8 @@ impl MmInner {
     }
 
     /// `map_anon_folio_pmd_pf()`: the caller holds `page_table_lock`.
+    /// The PTE table deposited beside the PMD (`pgtable_trans_huge_deposit`)
+    /// is charged to the memcg (one page, as measured) by the caller.
     fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64) {
         let folio = self.alloc.page(pfn);
         folio.folio_set_count(1);
@@ -105,6 +107,9 @@ impl MmInner {
                 cpu.c().vm.thp_zero_page_alloc.inc();
             }
             pmd.store(HUGE_ZERO_PMD, Release);
+            // The deposited PTE table is charged (the model cannot fail
+            // this charge: `pte_alloc_one` would make it VM_FAULT_OOM).
+            self.memcg.force_charge(1);
             cpu.c().fault.huge_zero_page.inc();
             return Ok(Some(Fault::Mapped));
         }
@@ -129,6 +134,11 @@ impl MmInner {
             return Some(Fault::NotMapped);
         }
         self.map_anon_folio_pmd_pf(cpu, pmd, pfn);
+        if expected == 0 {
+            // A new PMD deposits a PTE table (charged); a huge zero PMD
+            // replaced keeps the one it had.
+            self.memcg.force_charge(1);
+        }
         Some(Fault::Mapped)
     }
 
@@ -145,8 +155,10 @@ impl MmInner {
     /// `__split_huge_zero_page_pmd()`: 512 zero-page PTEs.
     pub(crate) fn split_huge_zero_pmd(&self, cpu: &Cpu, pmd: &AtomicU64) {
         let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
-        if pmd.load(Acquire) == HUGE_ZERO_PMD {
-            self.pt.install_split_table(pmd, |_| ZERO_PTE);
+        let v = pmd.load(Acquire);
+        if pmd_huge(v) && is_huge_zero_pmd(v) {
+            let pte = PTE_ZERO | pte_prot_of_pmd(v) & !PTE_WRITE;
+            self.pt.install_split_table(pmd, |_| pte);
             cpu.c().vm.thp_split_pmd.inc();
         }
     }
@@ -156,7 +168,7 @@ impl MmInner {
     /// lock for write, which excludes faults.
     pub(crate) fn split_huge_pmd(&self, cpu: &Cpu, pmd: &AtomicU64) {
         let v = pmd.load(Acquire);
-        if v == HUGE_ZERO_PMD {
+        if is_huge_zero_pmd(v) {
             return self.split_huge_zero_pmd(cpu, pmd);
         }
         let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
@@ -165,7 +177,7 @@ impl MmInner {
         // folio_ref_add(HPAGE_PMD_NR - 1): one reference per PTE now.
         folio.folio_ref_add(511);
         folio.set_info(folio.info() & !PG_PMD_MAPPED);
-        let pte = folio_mk_pte(pfn, PMD_ORDER);
+        let pte = (folio_mk_pte(pfn, PMD_ORDER) & !PTE_PROT_MASK) | pte_prot_of_pmd(v);
         self.pt.install_split_table(pmd, |i| pte + ((i as u64) << PAGE_SHIFT));
         cpu.c().vm.thp_split_pmd.inc();
     }
@@ -183,12 +195,101 @@ impl MmInner {
     pub(crate) fn zap_huge_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64) {
         let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
         let v = pmd.swap(0, AcqRel);
-        if v == HUGE_ZERO_PMD {
+        // zap_deposited_table(): the deposited PTE table is freed.
+        self.memcg.uncharge_kmem(1);
+        if is_huge_zero_pmd(v) {
             return;
         }
         let pfn = pte_pfn(v);
         cpu.c().rss.sub(512);
         self.folio_remove_rmap_pmd(cpu, pfn);
         self.folio_put_refs(cpu, pfn, PMD_ORDER, 1);
+    }
+}
+
+impl MmInner {
+    /// `vma_adjust_trans_huge()`: a VMA about to be split at `start` or
+    /// `end` where that is not a PMD boundary has a PMD mapping there split
+    /// first (`split_huge_pmd_address`), since a huge PMD cannot span two
+    /// VMAs. The caller holds the mmap lock for write.
+    pub(crate) fn vma_adjust_trans_huge(&self, t: &VmaTree, cpu: &Cpu, start: u64, end: u64) {
+        for b in [start, end] {
+            if b % PMD_SIZE != 0 && !t.is_boundary(b) {
+                self.split_huge_pmd_address(cpu, b);
+            }
+        }
+    }
+
+    /// `split_folio()` of the PTE-mapped large anonymous folio at `head`,
+    /// whose page `k` would be mapped at `va + k * PAGE_SIZE`: every page
+    /// becomes an order-0 folio (`__split_folio_to_order`), mapped pages
+    /// keep their PTE (`remap_page`) with one reference and mapcount each,
+    /// unmapped ones are freed. Counts `split` (and `thp_split_page` for a
+    /// PMD-order folio), takes the folio out of `nr_anon` and off the
+    /// deferred split queue. `unmap_counts_deferred`: the folio was
+    /// PTE-mapped before this split began, so `unmap_folio` (one PTE at a
+    /// time through rmap) leaves it partially mapped on the way and
+    /// `deferred_split_folio` counts `split_deferred` once, as measured on
+    /// 6.18; a folio split straight from its PMD mapping is not.
+    ///
+    /// Returns false, splitting nothing, if some page is mapped elsewhere
+    /// than at `va` (a folio cut by a move): the model has no rmap walk to
+    /// find it. The caller holds the mmap lock for write, which excludes
+    /// faults, and no PTL.
+    pub(crate) fn split_folio(&self, cpu: &mut Cpu, head: u64, va: u64, unmap_counts_deferred: bool) -> bool {
+        let folio = self.alloc.page(head);
+        let info = folio.info();
+        let order = folio.order();
+        let nr = 1u64 << order;
+        debug_assert!(order > 0 && info & PG_PMD_MAPPED == 0);
+        // The PTE of each page, if it maps that page.
+        let slot = |k: u64| -> Option<&AtomicU64> {
+            let a = va.wrapping_add(k * PAGE_SIZE);
+            let pmd = self.pt.pmd_offset(a)?;
+            let v = pmd.load(Acquire);
+            if v == 0 || pmd_huge(v) {
+                return None;
+            }
+            // SAFETY: a table PMD of this mm; the caller holds the mmap
+            // write lock, so no table is freed meanwhile.
+            let e = &unsafe { PageTable::pte_table(v) }.ptes[pte_index(a)];
+            let pte = e.load(Acquire);
+            (pte != 0 && pte & PTE_ZERO == 0 && pte_pfn(pte) == head + k && pte_order(pte) == order).then_some(e)
+        };
+        let found = (0..nr).filter(|&k| slot(k).is_some()).count() as u32;
+        if found != folio.mapcount() {
+            return false;
+        }
+        let c = cpu.c();
+        if unmap_counts_deferred && info & PG_PARTIALLY_MAPPED == 0 {
+            c.mthp[order].split_deferred.inc();
+            if order == PMD_ORDER {
+                c.vm.thp_deferred_split_page.inc();
+            }
+        }
+        c.mthp[order].split.inc();
+        if order == PMD_ORDER {
+            c.vm.thp_split_page.inc();
+        }
+        c.mthp[order].nr_anon.sub(1);
+        if info & PG_PARTIALLY_MAPPED != 0 {
+            c.mthp[order].nr_anon_partially_mapped.sub(1);
+        }
+        for k in 0..nr {
+            let page = self.alloc.page(head + k);
+            match slot(k) {
+                Some(e) => {
+                    let pte = e.load(Acquire);
+                    e.store(pte & !(0xf << PTE_ORDER_SHIFT), Release);
+                    page.init_folio(0, 0, 1);
+                    page.folio_set_count(1);
+                }
+                None => {
+                    page.init_folio(0, 0, 0);
+                    self.free_unmapped_folio(cpu, head + k, 0, true);
+                }
+            }
+        }
+        true
     }
 }

@@ -83,6 +83,18 @@ impl MemCg {
         }
     }
 
+    /// The `force:` path of `try_charge_memcg()` (`__GFP_NOFAIL`): charged
+    /// even over the limit.
+    pub fn force_charge(&self, nr: u64) {
+        self.usage.fetch_add(nr, Relaxed);
+    }
+
+    /// Uncharges kernel memory (a freed page table) straight from the
+    /// counter (`memcg_kmem_uncharge_page`, not through a CPU's stock).
+    pub fn uncharge_kmem(&self, nr: u64) {
+        self.usage.fetch_sub(nr, Relaxed);
+    }
+
     /// Usage in pages, stocks included.
     pub fn usage(&self) -> u64 {
         self.usage.load(Relaxed)

@@ -38,6 +38,18 @@ pub enum Fault {
     NotMapped,
 }
 
+/// x86's `access_error()`: what the VMA forbids about this access, if anything.
+#[inline(always)]
+pub(crate) fn access_error(vma: &Vma, write: bool) -> Option<&'static str> {
+    if write && !vma.flags.write {
+        Some(if vma.flags.read { "write to a read-only VMA" } else { "write to a PROT_NONE VMA" })
+    } else if !write && !vma.flags.accessible() {
+        Some("read of a PROT_NONE VMA")
+    } else {
+        None
+    }
+}
+
 impl MmInner {
     /// The MMU: performs the access if the page table allows it, faulting
     /// (and re-executing) until it does. `g` is this CPU's hold of the mmap
@@ -52,13 +64,13 @@ impl MmInner {
                 let v = pmd.load(Acquire);
                 if v != 0 {
                     if pmd_huge(v) {
-                        if !write || v & PMD_HUGE_ZERO == 0 {
+                        if v & PMD_PROTNONE == 0 && (!write || v & (PMD_HUGE_ZERO | PMD_RDONLY) == 0) {
                             return Ok(());
                         }
                     } else {
                         // SAFETY: a table PMD of this mm, loaded under `g`.
                         let pte = unsafe { PageTable::pte_table(v) }.get(pte_index(addr));
-                        if pte != 0 && (!write || pte_write(pte)) {
+                        if pte_present(pte) && (!write || pte_write(pte)) {
                             return Ok(());
                         }
                     }
@@ -71,6 +83,11 @@ impl MmInner {
             let Some(vma) = self.lookup(g, cpu, addr) else {
                 return Err(Error::Segv(addr));
             };
+            // access_error(): checked by the arch fault handler before
+            // handle_mm_fault, so a SIGSEGV here counts no fault.
+            if let Some(what) = access_error(vma, write) {
+                return Err(Error::SegvAccess { addr, what });
+            }
             if self.handle_mm_fault(cpu, vma, addr, write, walked).map_err(|_| Error::Oom(addr))? == Fault::Mapped {
                 return Ok(());
             }
@@ -111,6 +128,27 @@ impl MmInner {
             self.split_huge_zero_pmd(cpu, pmd);
         }
         self.handle_pte_fault(cpu, vma, pmd, addr, write)
+    }
+
+    /// `pte_alloc()`: a PTE table for `pmd` if it has none. The table is
+    /// charged to the memcg as kernel memory (`pte_alloc_one` allocates with
+    /// GFP_PGTABLE_USER, which has __GFP_ACCOUNT): one page per table, as
+    /// measured. Returns false if the PMD maps a huge page; a failed charge
+    /// is VM_FAULT_OOM (the model has no memcg reclaim).
+    #[inline]
+    pub(crate) fn pte_alloc(&self, cpu: &mut Cpu, pmd: &AtomicU64) -> VmResult<bool> {
+        let v = pmd.load(Acquire);
+        if v != 0 {
+            return Ok(!pmd_huge(v));
+        }
+        if !self.memcg.mem_cgroup_charge(&mut cpu.stock, 1) {
+            return Err(Oom);
+        }
+        let (table, ours) = self.pt.pte_alloc(pmd, &cpu.pc.page_table_lock);
+        if !ours {
+            self.memcg.mem_cgroup_uncharge(&mut cpu.stock, 1);
+        }
+        Ok(table)
     }
 
     /// `vmf_anon_prepare()`: the VMA gets its anon_vma on the first fault
@@ -228,7 +266,7 @@ impl MmInner {
 
     /// `do_anonymous_page()`.
     fn do_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
-        if !self.pt.pte_alloc(pmd, &cpu.pc.page_table_lock) {
+        if !self.pte_alloc(cpu, pmd)? {
             // A huge PMD appeared meanwhile: re-execute.
             return Ok(Fault::NotMapped);
         }
@@ -354,7 +392,9 @@ impl MmInner {
             // so it is empty now; try_to_free_pte() frees it.
             if reclaim_pt && next - addr >= PMD_SIZE {
                 let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
-                self.pt.free_pte_table(pmd);
+                if self.pt.free_pte_table(pmd) {
+                    self.memcg.uncharge_kmem(1);
+                }
             }
         }
     }
@@ -402,8 +442,8 @@ impl MmInner {
     pub(crate) fn free_pgtables(&self, start: u64, end: u64, floor: u64, ceiling: u64) {
         self.pt.for_each_pmd(start, end, |a, pmd| {
             let pmd_end = a + PMD_SIZE;
-            if a >= floor && (ceiling == 0 || pmd_end <= ceiling) {
-                self.pt.free_pte_table(pmd);
+            if a >= floor && (ceiling == 0 || pmd_end <= ceiling) && self.pt.free_pte_table(pmd) {
+                self.memcg.uncharge_kmem(1);
             }
         });
     }

@@ -7,6 +7,7 @@
 //! per-CPU page lists, the memcg charge stock) and the counters it bumps.
 
 pub mod debug_vm;
+pub mod gup;
 pub mod huge_memory;
 pub mod madvise;
 pub mod memcontrol;
@@ -14,6 +15,8 @@ pub mod memory;
 pub mod mm_types;
 pub mod mmap;
 pub mod mmap_lock;
+pub mod mprotect;
+pub mod mremap;
 pub mod page_alloc;
 pub mod pgtable;
 pub mod rmap;
@@ -262,8 +265,13 @@ impl Mm {
     pub fn access(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
         let pc = cpu.percpu();
         let g = self.mmap_read_lock(&pc, cpu);
-        let r = self.access_locked(&g, cpu, addr, write);
+        let mut r = self.access_locked(&g, cpu, addr, write);
         drop(g);
+        if matches!(r, Err(Error::Segv(_))) && self.expand_stack(cpu, addr)? {
+            // The stack grew to cover `addr`: the fault proceeds (one fault).
+            let g = self.mmap_read_lock(&pc, cpu);
+            r = self.access_locked(&g, cpu, addr, write);
+        }
         cpu.sync_pcp_gauge();
         r
     }

@@ -30,12 +30,48 @@ pub const PTE_ZERO: u64 = 1 << 2;
 pub const PTE_ORDER_SHIFT: u32 = 3;
 pub const PTE_PFN_SHIFT: u32 = 12;
 pub const ZERO_PTE: u64 = PTE_PRESENT | PTE_ZERO;
+/// x86's `_PAGE_PROTNONE`: a PTE of a PROT_NONE VMA keeps its pfn (the page
+/// stays mapped and counted) but is not present to the MMU.
+pub const PTE_PROTNONE: u64 = 1 << 7;
 
 // A PMD is none (0), a PTE-table pointer (low bits clear), or a huge
 // mapping with `PMD_HUGE` set.
 pub const PMD_HUGE: u64 = 1 << 0;
 pub const PMD_HUGE_ZERO: u64 = 1 << 1;
 pub const HUGE_ZERO_PMD: u64 = PMD_HUGE | PMD_HUGE_ZERO;
+/// A huge PMD without `_PAGE_RW` (a read-only VMA's THP).
+pub const PMD_RDONLY: u64 = 1 << 2;
+/// A huge PMD of a PROT_NONE VMA (`_PAGE_PROTNONE`): mapped, not accessible.
+pub const PMD_PROTNONE: u64 = 1 << 3;
+/// The protection bits of a huge PMD.
+pub const PMD_PROT_MASK: u64 = PMD_RDONLY | PMD_PROTNONE;
+/// The protection bits of a PTE.
+pub const PTE_PROT_MASK: u64 = PTE_PRESENT | PTE_WRITE | PTE_PROTNONE;
+
+/// `pmd_none()` is 0; the huge zero page, whatever its protection.
+#[inline(always)]
+pub fn is_huge_zero_pmd(pmd: u64) -> bool {
+    pmd & PMD_HUGE_ZERO != 0
+}
+
+/// `pte_present()` as the MMU sees it (a PROT_NONE entry is not).
+#[inline(always)]
+pub fn pte_present(pte: u64) -> bool {
+    pte & PTE_PRESENT != 0
+}
+
+/// The PTE protection bits the pages of a split huge PMD get
+/// (`__split_huge_pmd_locked` copies write and protnone).
+#[inline(always)]
+pub fn pte_prot_of_pmd(pmd: u64) -> u64 {
+    if pmd & PMD_PROTNONE != 0 {
+        PTE_PROTNONE
+    } else if pmd & PMD_RDONLY != 0 || is_huge_zero_pmd(pmd) {
+        PTE_PRESENT
+    } else {
+        PTE_PRESENT | PTE_WRITE
+    }
+}
 
 #[inline(always)]
 pub fn pte_none(pte: u64) -> bool {
@@ -353,25 +389,23 @@ impl PageTable {
         new
     }
 
-    /// `pte_alloc()` / `pmd_install()`: makes sure the PMD points at a PTE
-    /// table. Returns false if the PMD maps a huge page instead.
+    /// `pte_alloc()` / `pmd_install()` for a PMD that was none: installs a
+    /// PTE table. Returns whether the PMD now points at a table (false: a
+    /// huge page appeared), and whether the table is ours (false: another
+    /// CPU installed one first and ours was freed).
     #[inline]
-    pub fn pte_alloc(&self, pmd: &AtomicU64, lc: &LockCounters) -> bool {
-        let v = pmd.load(Acquire);
-        if v != 0 {
-            return !pmd_huge(v);
-        }
+    pub fn pte_alloc(&self, pmd: &AtomicU64, lc: &LockCounters) -> (bool, bool) {
         let new = self.arena.alloc() as u64;
         let _g = self.page_table_lock.lock(lc);
         let cur = pmd.load(Acquire);
         if cur != 0 {
             // Another CPU installed one first: free ours.
             self.arena.free(new as *mut PteTable);
-            return !pmd_huge(cur);
+            return (!pmd_huge(cur), false);
         }
         pmd.store(new, Release);
         self.nr_ptes.fetch_add(1, Relaxed);
-        true
+        (true, true)
     }
 
     /// Installs a fresh PTE table whose entries are given, for splitting a
@@ -403,12 +437,15 @@ impl PageTable {
 
     /// `free_pte_range()`: clears the PMD and frees its (empty) PTE table.
     /// The caller holds the mmap lock for write, so no walker holds it.
-    pub(crate) fn free_pte_table(&self, pmd: &AtomicU64) {
+    /// Returns whether a table was freed.
+    pub(crate) fn free_pte_table(&self, pmd: &AtomicU64) -> bool {
         let v = pmd.swap(0, AcqRel);
         if v != 0 && !pmd_huge(v) {
             self.arena.free(v as *mut PteTable);
             self.nr_ptes.fetch_sub(1, Relaxed);
+            return true;
         }
+        false
     }
 
     /// Calls `f(pmd_start_addr, pmd_entry)` for every PMD entry that exists

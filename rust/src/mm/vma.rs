@@ -4,7 +4,8 @@
 //! `is_mergeable_anon_vma`), and `vma_modify_flags`.
 
 use crate::error::{Error, Result};
-use crate::trace::{Advice, MmapFlags};
+use crate::trace::{Advice, MmapFlags, Prot};
+use crate::PAGE_SHIFT;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -12,17 +13,65 @@ use std::sync::Arc;
 /// The `vm_flags` bits that matter here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VmFlags {
+    /// VM_READ.
+    pub read: bool,
+    /// VM_WRITE.
+    pub write: bool,
+    /// VM_ACCOUNT: the mapping is charged to the commit limit (a private
+    /// writable mapping without MAP_NORESERVE).
+    pub account: bool,
+    /// VM_NORESERVE (MAP_NORESERVE).
+    pub noreserve: bool,
+    /// VM_GROWSDOWN (MAP_GROWSDOWN): a stack that `expand_downwards` grows.
+    pub growsdown: bool,
+    /// VM_DONTCOPY (MADV_DONTFORK).
+    pub dontcopy: bool,
     /// VM_HUGEPAGE (MADV_HUGEPAGE).
     pub hugepage: bool,
-    /// VM_NOHUGEPAGE (MADV_NOHUGEPAGE).
+    /// VM_NOHUGEPAGE (MADV_NOHUGEPAGE, or MAP_STACK).
     pub nohugepage: bool,
     /// VM_UFFD_WP: registered with userfaultfd, so `userfaultfd_armed()`.
     pub uffd_wp: bool,
 }
 
-impl From<MmapFlags> for VmFlags {
-    fn from(f: MmapFlags) -> Self {
-        VmFlags { hugepage: f.hugepage, nohugepage: f.nohugepage, uffd_wp: f.uffd_wp }
+impl VmFlags {
+    /// What `do_mmap()` gives a new private anonymous mapping:
+    /// `calc_vm_prot_bits()`, `calc_vm_flag_bits()` (MAP_GROWSDOWN ->
+    /// VM_GROWSDOWN, MAP_STACK -> VM_NOHUGEPAGE), MAP_NORESERVE ->
+    /// VM_NORESERVE, and VM_ACCOUNT from `accountable_mapping()` (private
+    /// and writable, not NORESERVE). The advice and userfaultfd
+    /// registration a trace line adds come after, as separate calls.
+    pub fn for_mmap(f: MmapFlags) -> VmFlags {
+        let write = f.prot.writable();
+        VmFlags {
+            read: f.prot.readable(),
+            write,
+            account: write && !f.noreserve,
+            noreserve: f.noreserve,
+            growsdown: f.growsdown,
+            nohugepage: f.stack,
+            ..VmFlags::default()
+        }
+    }
+
+    /// A plain read/write private anonymous VMA (`VM_DATA_DEFAULT_FLAGS |
+    /// VM_ACCOUNT`, as `brk` makes the heap).
+    pub fn rw() -> VmFlags {
+        VmFlags { read: true, write: true, account: true, ..VmFlags::default() }
+    }
+
+    /// The protection these flags give.
+    pub fn prot(&self) -> Prot {
+        match (self.read, self.write) {
+            (_, true) => Prot::ReadWrite,
+            (true, false) => Prot::Read,
+            (false, false) => Prot::None,
+        }
+    }
+
+    /// `vma_is_accessible()`: any of VM_READ, VM_WRITE (VM_EXEC is never set here).
+    pub fn accessible(&self) -> bool {
+        self.read || self.write
     }
 }
 
@@ -34,17 +83,26 @@ pub struct Vma {
     /// The anon_vma id, 0 until the first fault (`vmf_anon_prepare`).
     /// Split halves share it; VMAs with different ones do not merge.
     pub anon_vma: AtomicU64,
+    /// `vm_pgoff`: for anonymous memory, the page index of the address the
+    /// VMA's pages were first mapped at (`addr >> PAGE_SHIFT` at mmap). A
+    /// moved VMA that has an anon_vma keeps it, so it merges only where its
+    /// pages' indices stay contiguous (`can_vma_merge_before/after`).
+    pub pgoff: u64,
     /// The orders `thp_vma_allowable_orders()` gives for a fault, cached at
     /// creation since the knobs are fixed for a run.
     pub orders: u32,
 }
 
 impl Vma {
-    fn new(start: u64, end: u64, flags: VmFlags, anon_vma: u64, orders: u32) -> Arc<Vma> {
-        Arc::new(Vma { start, end, flags, anon_vma: AtomicU64::new(anon_vma), orders })
+    fn new(start: u64, end: u64, flags: VmFlags, anon_vma: u64, pgoff: u64, orders: u32) -> Arc<Vma> {
+        Arc::new(Vma { start, end, flags, anon_vma: AtomicU64::new(anon_vma), pgoff, orders })
     }
     pub fn anon_vma(&self) -> u64 {
         self.anon_vma.load(Relaxed)
+    }
+    /// `vma_pages()`.
+    pub fn pages(&self) -> u64 {
+        (self.end - self.start) >> PAGE_SHIFT
     }
 }
 
@@ -53,9 +111,19 @@ impl Vma {
 pub struct VmaInfo {
     pub start: u64,
     pub end: u64,
+    /// `rw`, `r` or `none`.
+    pub prot: Prot,
     pub hugepage: bool,
     pub nohugepage: bool,
     pub uffd_wp: bool,
+    /// VM_ACCOUNT.
+    pub account: bool,
+    /// VM_NORESERVE.
+    pub noreserve: bool,
+    /// VM_GROWSDOWN.
+    pub growsdown: bool,
+    /// VM_DONTCOPY.
+    pub dontcopy: bool,
 }
 
 /// The VMA set (`mm->mm_mt`), keyed by start. Changed only under the mmap
@@ -69,13 +137,41 @@ pub struct VmaTree {
     /// places a trace: not accessible, never merged, but they are the
     /// neighbours that bound `free_pgtables()`.
     reserved: BTreeMap<u64, u64>,
+    /// `mm->start_brk` (set by the first `brk` of a trace: the model has no
+    /// exec) and `mm->brk`. Fields of `mm_struct` in the kernel, kept here
+    /// because they change under the mmap write lock with the tree.
+    pub start_brk: Option<u64>,
+    pub brk: u64,
 }
 
-/// `is_mergeable_vma()` and `is_mergeable_anon_vma()`.
+/// `is_mergeable_vma()`, `is_mergeable_anon_vma()` and the `vm_pgoff`
+/// check of `can_vma_merge_after()`: `a` ends where `b` starts, same flags,
+/// the anon_vmas agree or one side has none yet, and `b`'s pages follow
+/// `a`'s in page index.
 fn compatible(a: &Vma, b: &Vma) -> bool {
-    // is_mergeable_vma() + is_mergeable_anon_vma(): same flags, and the
-    // anon_vmas agree or one side has none yet.
-    a.flags == b.flags && (a.anon_vma() == 0 || b.anon_vma() == 0 || a.anon_vma() == b.anon_vma())
+    a.end == b.start
+        && a.flags == b.flags
+        && (a.anon_vma() == 0 || b.anon_vma() == 0 || a.anon_vma() == b.anon_vma())
+        && a.pgoff + a.pages() == b.pgoff
+}
+
+/// The `vm_flags` change of an advice (`madvise_vma_behavior`:
+/// `hugepage_madvise` for HUGEPAGE/NOHUGEPAGE, VM_DONTCOPY for
+/// DONTFORK/DOFORK); other advice changes no flag.
+pub fn advise_flags(advice: Advice, f: &mut VmFlags) {
+    match advice {
+        Advice::HugePage => {
+            f.hugepage = true;
+            f.nohugepage = false;
+        }
+        Advice::NoHugePage => {
+            f.nohugepage = true;
+            f.hugepage = false;
+        }
+        Advice::DontFork => f.dontcopy = true,
+        Advice::DoFork => f.dontcopy = false,
+        _ => {}
+    }
 }
 
 impl VmaTree {
@@ -95,9 +191,14 @@ impl VmaTree {
             .map(|v| VmaInfo {
                 start: v.start,
                 end: v.end,
+                prot: v.flags.prot(),
                 hugepage: v.flags.hugepage,
                 nohugepage: v.flags.nohugepage,
                 uffd_wp: v.flags.uffd_wp,
+                account: v.flags.account,
+                noreserve: v.flags.noreserve,
+                growsdown: v.flags.growsdown,
+                dontcopy: v.flags.dontcopy,
             })
             .collect()
     }
@@ -142,7 +243,7 @@ impl VmaTree {
 
     /// Removes `[start, end)` from the reservation (mmap over it, or munmap);
     /// returns the extent of what it removed.
-    fn unreserve(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
+    pub(crate) fn unreserve(&mut self, start: u64, end: u64) -> Option<(u64, u64)> {
         let hit: Vec<(u64, u64)> =
             self.reserved.range(..end).filter(|(_, &e)| e > start).map(|(&s, &e)| (s, e)).collect();
         let mut extent: Option<(u64, u64)> = None;
@@ -184,21 +285,70 @@ impl VmaTree {
         // The neighbours outside the range bound the page tables freed with
         // the replaced pieces (vms_gather_munmap_vmas: prev end, next start).
         let replaced = self.unreserve(start, end).map(|(s, e)| (s, e, self.prev_end(start), self.next_start(end)));
-        self.map.insert(start, Vma::new(start, end, flags, 0, orders(flags)));
+        self.map.insert(start, Vma::new(start, end, flags, 0, start >> PAGE_SHIFT, orders(flags)));
         self.seq += 1;
         self.vma_merge(start, end);
         Ok(replaced)
     }
 
+    /// Inserts a VMA as is, merging with nothing (`vm_area_alloc` +
+    /// `vma_iter_store`: what `do_brk_flags` does when it cannot expand).
+    pub fn insert_vma(&mut self, start: u64, end: u64, flags: VmFlags, anon_vma: u64, pgoff: u64, orders: u32) {
+        self.unreserve(start, end);
+        self.map.insert(start, Vma::new(start, end, flags, anon_vma, pgoff, orders));
+        self.seq += 1;
+    }
+
+    /// Inserts a VMA and merges it with compatible neighbours
+    /// (`copy_vma` -> `vma_merge_new_range`, `__mmap_region`).
+    pub fn insert_and_merge(&mut self, start: u64, end: u64, flags: VmFlags, anon_vma: u64, pgoff: u64, orders: u32) {
+        self.insert_vma(start, end, flags, anon_vma, pgoff, orders);
+        self.vma_merge(start, end);
+    }
+
+    /// Moves the VMA starting at `start` to `[new_start, new_end)`, keeping
+    /// its flags and anon_vma (`vma_expand` / `vma_shrink`, and
+    /// `expand_downwards`, which lowers `vm_start` and `vm_pgoff` together).
+    pub fn resize_vma(&mut self, start: u64, new_start: u64, new_end: u64) {
+        let v = self.map.remove(&start).expect("a VMA starts there");
+        self.unreserve(new_start, new_end);
+        let pgoff = (v.pgoff + (new_start >> PAGE_SHIFT)).wrapping_sub(start >> PAGE_SHIFT);
+        self.map.insert(new_start, Vma::new(new_start, new_end, v.flags, v.anon_vma(), pgoff, v.orders));
+        self.seq += 1;
+    }
+
+    /// Merges the VMA at `[start, end)` with its neighbours if compatible.
+    pub fn merge_at(&mut self, start: u64, end: u64) {
+        if self.map.get(&start).is_some_and(|v| v.end == end) {
+            self.vma_merge(start, end);
+        }
+    }
+
+    /// The VMA below `addr` (ending at or before it), `vma_prev()`.
+    pub fn prev_vma(&self, addr: u64) -> Option<&Arc<Vma>> {
+        self.map.range(..addr).next_back().map(|(_, v)| v).filter(|v| v.end <= addr)
+    }
+
+    /// `find_vma()`: the first VMA ending above `addr`.
+    pub fn find_vma(&self, addr: u64) -> Option<&Arc<Vma>> {
+        self.lookup(addr).or_else(|| self.map.range(addr..).next().map(|(_, v)| v))
+    }
+
+    /// Whether a PROT_NONE reservation piece overlaps `[start, end)`.
+    pub fn reserved_overlaps(&self, start: u64, end: u64) -> bool {
+        self.reserved.range(..end).next_back().is_some_and(|(_, &e)| e > start)
+    }
+
     /// `split_vma()` at `addr`, if a VMA spans it.
-    fn split_vma(&mut self, addr: u64) {
+    pub fn split_vma(&mut self, addr: u64) {
         let Some(v) = self.lookup(addr).cloned() else { return };
         if v.start == addr {
             return;
         }
         let av = v.anon_vma();
-        self.map.insert(v.start, Vma::new(v.start, addr, v.flags, av, v.orders));
-        self.map.insert(addr, Vma::new(addr, v.end, v.flags, av, v.orders));
+        self.map.insert(v.start, Vma::new(v.start, addr, v.flags, av, v.pgoff, v.orders));
+        let pgoff = v.pgoff + ((addr - v.start) >> PAGE_SHIFT);
+        self.map.insert(addr, Vma::new(addr, v.end, v.flags, av, pgoff, v.orders));
         self.seq += 1;
     }
 
@@ -236,17 +386,7 @@ impl VmaTree {
     /// Returns false if part of the range was unmapped (the kernel's ENOMEM,
     /// after applying the advice to what is mapped).
     pub fn madvise_flags(&mut self, start: u64, end: u64, advice: Advice, orders: impl Fn(VmFlags) -> u32) -> bool {
-        self.vma_modify_flags(start, end, orders, |f| match advice {
-            Advice::HugePage => {
-                f.hugepage = true;
-                f.nohugepage = false;
-            }
-            Advice::NoHugePage => {
-                f.nohugepage = true;
-                f.hugepage = false;
-            }
-            _ => {}
-        })
+        self.vma_modify_flags(start, end, orders, |f| advise_flags(advice, f))
     }
 
     /// `vma_modify_flags()` over the mapped parts of `[start, end)`; returns
@@ -270,7 +410,7 @@ impl VmaTree {
             self.split_vma(s);
             self.split_vma(e);
             let v = self.map.remove(&s).expect("split");
-            self.map.insert(s, Vma::new(s, e, f, v.anon_vma(), orders(f)));
+            self.map.insert(s, Vma::new(s, e, f, v.anon_vma(), v.pgoff, orders(f)));
             self.seq += 1;
             self.vma_merge(s, e);
         }
@@ -284,10 +424,10 @@ impl VmaTree {
         // With the previous VMA.
         if let Some(prev) = self.map.range(..start).next_back().map(|(_, v)| v.clone()) {
             let cur = self.map[&start].clone();
-            if prev.end == start && compatible(&prev, &cur) {
+            if compatible(&prev, &cur) {
                 self.map.remove(&start);
                 let av = prev.anon_vma().max(cur.anon_vma());
-                self.map.insert(prev.start, Vma::new(prev.start, cur.end, cur.flags, av, cur.orders));
+                self.map.insert(prev.start, Vma::new(prev.start, cur.end, cur.flags, av, prev.pgoff, cur.orders));
                 start = prev.start;
                 self.seq += 1;
             }
@@ -298,7 +438,7 @@ impl VmaTree {
             if compatible(&cur, &next) {
                 self.map.remove(&end);
                 let av = cur.anon_vma().max(next.anon_vma());
-                self.map.insert(start, Vma::new(start, next.end, cur.flags, av, cur.orders));
+                self.map.insert(start, Vma::new(start, next.end, cur.flags, av, cur.pgoff, cur.orders));
                 self.seq += 1;
             }
         }

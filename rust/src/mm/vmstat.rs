@@ -77,6 +77,8 @@ counters!(
     thp_fault_fallback,
     thp_fault_fallback_charge,
     thp_split_pmd,
+    /// A THP (PMD order) split into order-0 folios (`split_folio`).
+    thp_split_page,
     thp_deferred_split_page,
     thp_zero_page_alloc,
     /// Order-0 pages and folios freed back to the allocator, in pages.

@@ -1,0 +1,191 @@
+//! `mm/mremap.c`: resizing in place (`vma_expand` / shrinking by
+//! unmapping the tail) and moving (`move_vma` -> `copy_vma` +
+//! `move_page_tables` -> `move_huge_pmd` / `move_normal_pmd` /
+//! `move_ptes`). Moved pages keep their folios and are not faulted again.
+
+use crate::error::{Error, Result};
+use crate::mm::pgtable::*;
+use crate::mm::vma::VmaTree;
+use crate::mm::{Cpu, Mm, MmInner};
+use crate::trace::check_range;
+use crate::{PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
+use std::sync::atomic::Ordering::*;
+
+fn efault(what: String) -> Error {
+    Error::InvalidRange(format!("mremap: {what} (EFAULT)"))
+}
+
+impl Mm {
+    /// What the kernel's `mremap` did, as a trace line records it: the
+    /// mapping at `old_addr` of `old_len` bytes now lies at `new_addr` with
+    /// `new_len` bytes. Equal addresses resize in place; others move
+    /// (`MREMAP_MAYMOVE|MREMAP_FIXED`: whatever was mapped at the target is
+    /// unmapped first). A same-size move may span several VMAs and holes
+    /// (6.17+: each VMA moves to its offset); a resize must lie in one VMA.
+    /// Ranges the kernel refuses are errors.
+    pub fn mremap(&self, cpu: &mut Cpu, old_addr: u64, old_len: u64, new_addr: u64, new_len: u64) -> Result<()> {
+        check_range(old_addr, old_len, 0)?;
+        check_range(new_addr, new_len, 0)?;
+        self.with_write_lock(cpu, |mm, t, cpu| {
+            let old_end = old_addr + old_len;
+            let Some(vma) = t.lookup(old_addr).cloned() else {
+                return Err(efault(format!("nothing is mapped at {old_addr:#x}")));
+            };
+            if new_addr == old_addr {
+                return mm.mremap_in_place(t, cpu, old_addr, old_len, new_len, vma.start, vma.end);
+            }
+            if new_addr < old_end && old_addr < new_addr + new_len {
+                return Err(Error::InvalidRange(format!(
+                    "mremap: the new range {new_addr:#x}+{new_len:#x} overlaps the old one (EINVAL)"
+                )));
+            }
+            if old_len == new_len {
+                for (s, e) in t.pieces(old_addr, old_end) {
+                    mm.move_vma(t, cpu, s, e, new_addr + (s - old_addr), e - s);
+                }
+                return Ok(());
+            }
+            if old_end > vma.end {
+                return Err(efault(format!("{old_addr:#x}+{old_len:#x} is not one mapping")));
+            }
+            if new_len < old_len {
+                // The tail is unmapped first, then the rest moves.
+                mm.do_vmi_munmap(t, cpu, old_addr + new_len, old_end);
+                mm.move_vma(t, cpu, old_addr, old_addr + new_len, new_addr, new_len);
+            } else {
+                mm.move_vma(t, cpu, old_addr, old_end, new_addr, new_len);
+            }
+            Ok(())
+        })
+    }
+}
+
+impl MmInner {
+    /// A resize in place of `[addr, addr+old_len)`, which starts in the VMA
+    /// `[vstart, vend)`. Shrinking unmaps the tail (across VMAs too);
+    /// growing needs the old range to end the VMA and the space after it to
+    /// be free (`vma_expandable`), then `vma_expand` lengthens it and it may
+    /// merge with the VMA that follows.
+    #[allow(clippy::too_many_arguments)]
+    fn mremap_in_place(
+        &self,
+        t: &mut VmaTree,
+        cpu: &mut Cpu,
+        addr: u64,
+        old_len: u64,
+        new_len: u64,
+        vstart: u64,
+        vend: u64,
+    ) -> Result<()> {
+        let (old_end, new_end) = (addr + old_len, addr + new_len);
+        if new_len <= old_len {
+            if new_len < old_len {
+                self.do_vmi_munmap(t, cpu, new_end, old_end);
+            }
+            return Ok(());
+        }
+        if old_end > vend {
+            return Err(efault(format!("{addr:#x}+{old_len:#x} is not one mapping")));
+        }
+        if old_end != vend {
+            return Err(Error::InvalidRange(format!(
+                "mremap: cannot grow {addr:#x}+{old_len:#x} in place: its VMA goes on to {vend:#x} (ENOMEM)"
+            )));
+        }
+        if let Some(next) = t.find_vma(old_end).filter(|n| n.start < new_end) {
+            return Err(Error::InvalidRange(format!(
+                "mremap: cannot grow {addr:#x}+{old_len:#x} in place: {:#x} is mapped (ENOMEM)",
+                next.start.max(old_end)
+            )));
+        }
+        // The PROT_NONE reservation the trace is placed in is not one of
+        // the program's mappings: it gives way, as for an mmap.
+        t.resize_vma(vstart, vstart, new_end);
+        t.merge_at(vstart, new_end);
+        Ok(())
+    }
+
+    /// `move_vma()` of `[s, e)` (inside one VMA) to `new_addr`, the new VMA
+    /// being `new_len >= e - s` bytes long (a move that also grows).
+    fn move_vma(&self, t: &mut VmaTree, cpu: &mut Cpu, s: u64, e: u64, new_addr: u64, new_len: u64) {
+        // MREMAP_FIXED: the target is unmapped first.
+        self.do_vmi_munmap(t, cpu, new_addr, new_addr + new_len);
+        // The moved part is split off its VMA (a PMD mapping cut there is
+        // split first).
+        self.vma_adjust_trans_huge(t, cpu, s, e);
+        t.split_vma(s);
+        t.split_vma(e);
+        let (gone, extent) = t.munmap(s, e);
+        let v = gone.first().expect("the moved range is mapped").clone();
+        debug_assert!(gone.len() == 1 && v.start == s && v.end == e);
+        // copy_vma(): a VMA that has pages keeps vm_pgoff (its pages'
+        // index), so it merges only where that stays contiguous; one
+        // without gets the new address's, and merges like a new mmap.
+        let pgoff = if v.anon_vma() == 0 { new_addr >> PAGE_SHIFT } else { v.pgoff };
+        self.move_page_tables(cpu, s, new_addr, e - s);
+        t.insert_and_merge(new_addr, new_addr + new_len, v.flags, v.anon_vma(), pgoff, v.orders);
+        // The old range's page tables go as an munmap's would.
+        if let Some((a, b)) = extent {
+            self.free_pgtables(a, b, t.prev_end(a), t.next_start(b));
+        }
+    }
+
+    /// `move_page_tables()`: moves the entries of `[old, old+len)` to
+    /// `new`, one PMD extent at a time. A PMD-mapped THP whose extent is a
+    /// whole PMD on both sides moves as is (`move_huge_pmd`); otherwise its
+    /// PMD is split and its PTEs move (the folio stays whole, now
+    /// PTE-mapped). A PTE table moves whole when both sides are PMD-aligned
+    /// over the extent (`move_normal_pmd`), else PTE by PTE (`move_ptes`),
+    /// folios untouched (a large folio may end up virtually misaligned).
+    fn move_page_tables(&self, cpu: &mut Cpu, old: u64, new: u64, len: u64) {
+        let mut off = 0;
+        while off < len {
+            let (o, n) = (old + off, new + off);
+            let extent = (PMD_SIZE - o % PMD_SIZE).min(PMD_SIZE - n % PMD_SIZE).min(len - off);
+            off += extent;
+            let Some(src) = self.pt.pmd_offset(o) else { continue };
+            let v = src.load(Acquire);
+            if v == 0 {
+                continue;
+            }
+            if extent == PMD_SIZE {
+                // move_huge_pmd() / move_normal_pmd(): the destination PMD
+                // must be none.
+                let dst = self.pt.pmd_alloc(n, &cpu.pc.page_table_lock);
+                if dst.load(Acquire) == 0 {
+                    let _g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
+                    dst.store(v, Release);
+                    src.store(0, Release);
+                    continue;
+                }
+            }
+            if pmd_huge(v) {
+                self.split_huge_pmd(cpu, src);
+            }
+            let v = src.load(Acquire);
+            // SAFETY: a table PMD of this mm; the caller holds the mmap
+            // lock for write, so only this thread frees tables.
+            let st = unsafe { PageTable::pte_table(v) };
+            let dst = self.pt.pmd_alloc(n, &cpu.pc.page_table_lock);
+            if dst.load(Acquire) == 0 {
+                // move_ptes() allocates the target table as a fault would;
+                // the charge cannot fail the move here (the kernel would
+                // return ENOMEM; the model charges it over the limit).
+                let (table, _) = self.pt.pte_alloc(dst, &cpu.pc.page_table_lock);
+                debug_assert!(table, "the move target was unmapped: no huge PMD there");
+                self.memcg.force_charge(1);
+            }
+            // SAFETY: as above; `pte_alloc` left a table in `dst`.
+            let dt = unsafe { PageTable::pte_table(dst.load(Acquire)) };
+            let _g = st.ptl.lock(&cpu.pc.ptl);
+            let _g2 = (!std::ptr::eq(st, dt)).then(|| dt.ptl.lock(&cpu.pc.ptl));
+            let (i, j) = (pte_index(o), pte_index(n));
+            for k in 0..(extent / PAGE_SIZE) as usize {
+                let pte = st.ptep_get_and_clear(i + k);
+                if pte != 0 {
+                    dt.ptes[j + k].store(pte, Release);
+                }
+            }
+        }
+    }
+}
