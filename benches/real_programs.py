@@ -298,7 +298,7 @@ def pred_folios(p: dict[str, Any]) -> dict[str, int]:
 
 
 def run_kernel(prog: Program, s: Setting, runs: int, lock: Optional[Path], hold: bool) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     with setting(s, lock, hold):
         for _ in range(runs):
             before = collapsed()
@@ -407,7 +407,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"real_programs: unknown program {unknown[0]!r}", file=sys.stderr)
             return 2
         progs = [p for p in progs if p.name in want]
-    settings = SETTINGS
+    settings: tuple[Setting, ...] = SETTINGS
     if args.settings:
         settings = tuple(s for s in SETTINGS if s.name in args.settings.split(","))
     results: list[dict[str, Any]] = []

@@ -390,7 +390,7 @@ def _mapping_call(files: _Ranges, name: str, args: tuple[int, ...], ret: int) ->
     if name == "mmap":
         _addr, length, _prot, flags, fd, _off = args
         files.remove(ret, ret + _page_up(length))
-        if flags & MAP_SHARED or not flags & MAP_ANONYMOUS and fd < (1 << 31):
+        if flags & MAP_SHARED or (not flags & MAP_ANONYMOUS and fd < (1 << 31)):
             files.add(ret, ret + _page_up(length))
     elif name == "munmap":
         files.remove(args[0], args[0] + _page_up(args[1]))
@@ -489,9 +489,9 @@ def _process(
         if addr >= procfs.TASK_SIZE:
             continue
         tids.add(tid)
-        f = files.hit(addr)
-        last_file_fault[tid] = f
-        if not f:
+        hit = files.hit(addr)
+        last_file_fault[tid] = hit
+        if not hit:
             faults[what] += 1
     exec_folios = len(exec_h.folios.heads)
     folios, folio_pages = exit_h.folios.by_size()
