@@ -16,8 +16,10 @@ always without address-space randomisation):
    RSS); once for a single-threaded program (it is deterministic), ``--runs``
    times for a multi-threaded one, whose runs differ from each other;
 4. where 2048kB is enabled khugepaged runs, and may collapse the program's
-   pages behind the fault path: each such setting is measured twice, with
-   khugepaged as the host has it and with it held off (below).
+   pages behind the fault path: each such setting is measured three times,
+   with khugepaged as the host has it, held off (below), and eager
+   (``scan_sleep_millisecs=0``: it scans without pause while the program
+   runs, which shows which figures its collapses move).
 
 The programs do not call MADV_HUGEPAGE, so a setting is the per-size
 ``enabled=always`` (the top level stays ``madvise``): that reaches every
@@ -83,6 +85,8 @@ class Setting:
         return out
 
 
+AS_FOUND, HELD, EAGER = "as the host has it", "held off", "eager"
+
 SETTINGS = (
     Setting("4kB only", ()),
     Setting("16kB", ("16kB",)),
@@ -99,6 +103,10 @@ class Program:
     argv: list[str]
     threads: bool  # runs more than one thread (its runs differ from each other)
     about: str
+    env: tuple[tuple[str, str], ...] = ()  # set for the recording and every run
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **dict(self.env)}
 
 
 def _cc1() -> str:
@@ -129,8 +137,22 @@ def make_inputs(d: Path) -> None:
 def programs(inputs: Path, out: Path) -> list[Program]:
     p = ROOT / "benches" / "programs"
     return [
-        Program("python3", ["/usr/bin/python3", "-I", "-S", str(p / "dicts.py")], False, "CPython running dicts.py"),
-        Program("perl", ["/usr/bin/perl", str(p / "words.pl")], False, "perl running words.pl"),
+        # Both interpreters seed their string hashes at random unless told: the
+        # same seed in every run, so that every run does the same.
+        Program(
+            "python3",
+            ["/usr/bin/python3", "-s", "-S", str(p / "dicts.py")],
+            False,
+            "CPython running dicts.py",
+            (("PYTHONHASHSEED", "0"),),
+        ),
+        Program(
+            "perl",
+            ["/usr/bin/perl", str(p / "words.pl")],
+            False,
+            "perl running words.pl",
+            (("PERL_HASH_SEED", "0"), ("PERL_PERTURB_KEYS", "0")),
+        ),
         Program(
             "sqlite3", ["/usr/bin/sqlite3", ":memory:", f".read {p / 'bench.sql'}"], False, "sqlite3 :memory: bench.sql"
         ),
@@ -227,8 +249,9 @@ class Sentinel:
 
 
 @contextlib.contextmanager
-def setting(s: Setting, lock: Optional[Path], hold_khugepaged: bool) -> Iterator[None]:
-    """The host under setting ``s`` (and khugepaged held off if asked) for the body, under the lock."""
+def setting(s: Setting, lock: Optional[Path], khugepaged: str) -> Iterator[None]:
+    """The host under setting ``s`` for the body, under the lock; khugepaged
+    as the host has it, ``held off``, or ``eager`` (no sleep between passes)."""
     lf = open(lock, "a") if lock else None  # noqa: SIM115 (held across the yield)
     knobs = Knobs()
     sentinel: Optional[Sentinel] = None
@@ -238,7 +261,9 @@ def setting(s: Setting, lock: Optional[Path], hold_khugepaged: bool) -> Iterator
         knobs.set(THP / "enabled", "madvise")
         for size in SIZES:
             knobs.set(THP / f"hugepages-{size}" / "enabled", "always" if size in s.always else "never")
-        if hold_khugepaged:
+        if khugepaged == EAGER:
+            knobs.set(THP / "khugepaged" / "scan_sleep_millisecs", "0")
+        if khugepaged == HELD:
             sentinel = Sentinel()  # its mapping is advised: its mm is registered
             knobs.set(THP / "khugepaged" / "scan_sleep_millisecs", "3600000")
             time.sleep(0.3)  # the pass that write woke runs now, before the program
@@ -297,13 +322,13 @@ def pred_folios(p: dict[str, Any]) -> dict[str, int]:
     return {k: v.get("nr_anon", 0) for k, v in p.get("mthp", {}).items() if v.get("nr_anon", 0)}
 
 
-def run_kernel(prog: Program, s: Setting, runs: int, lock: Optional[Path], hold: bool) -> list[dict[str, Any]]:
+def run_kernel(prog: Program, s: Setting, runs: int, lock: Optional[Path], khugepaged: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    with setting(s, lock, hold):
+    with setting(s, lock, khugepaged):
         for _ in range(runs):
             before = collapsed()
             try:
-                m: Measurement = measure(prog.argv)
+                m: Measurement = measure(prog.argv, env=prog.environ())
             except MeasureError as e:
                 out.append({"error": str(e)})
                 continue
@@ -358,7 +383,7 @@ def table(results: list[dict[str, Any]]) -> str:
             msg = r["kernel"][0]["error"] if r["kernel"] else "no run"
             rows.append(f"| {r['program']} | {r['setting']} | {kh} | kernel: {msg} | | | |")
             continue
-        if r["khugepaged"] == "held off":
+        if r["khugepaged"] == HELD:
             if any(k["khugepaged_collapsed"] for k in runs):
                 kh += " (but collapsed!)"
         elif any(k["khugepaged_collapsed"] for k in runs):
@@ -420,6 +445,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             stderr=subprocess.PIPE,
             text=True,
             check=False,
+            env=prog.environ(),
         )
         if rec.returncode != 0:
             line = rec.stderr.strip().splitlines()
@@ -430,10 +456,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{prog.name}: recorded {trace.name} ({threads} thread(s), {time.perf_counter() - t0:.1f} s)", flush=True)
         for s in settings:
             pred = predict(trace, s, threads)
-            modes = ["as the host has it", "held off"] if s.pmd else ["not running"]
+            modes = [AS_FOUND, HELD, EAGER] if s.pmd else ["not running"]
             for mode in modes:
                 runs = args.runs if prog.threads else 1
-                kern = run_kernel(prog, s, runs, args.lock, mode == "held off")
+                kern = run_kernel(prog, s, runs, args.lock, mode)
                 results.append(
                     {
                         "program": prog.name,

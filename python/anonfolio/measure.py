@@ -244,11 +244,14 @@ def measure(
     cwd: Optional[str] = None,
     stdin: Optional[str] = None,
     stdout: Optional[str] = None,
+    env: Optional[dict[str, str]] = None,
     buffer_kb: int = DEFAULT_BUFFER_KB,
 ) -> Measurement:
     """Runs ``command`` once on this kernel and measures it (see the module's
-    docstring). Needs root. Raises :class:`MeasureError` when the command
-    cannot start, forks a process of its own, or the tracing lost events."""
+    docstring), in ``cwd``, with ``stdin``/``stdout`` from/to those files
+    (default /dev/null) and the environment ``env`` (default ours). Needs
+    root. Raises :class:`MeasureError` when the command cannot start, forks
+    a process of its own, or the tracing lost events."""
     if not command:
         raise MeasureError("missing COMMAND to measure")
     if os.geteuid() != 0:
@@ -270,7 +273,7 @@ def measure(
         raise MeasureError(str(e)) from None
     try:
         with tempfile.TemporaryDirectory(prefix="anonfolio-measure-") as tmp:
-            return _measure(inst, exe, list(command), zero, Path(tmp), cwd, stdin, stdout)
+            return _measure(inst, exe, list(command), zero, Path(tmp), cwd, stdin, stdout, env)
     except TracefsError as e:
         raise MeasureError(str(e)) from None
     finally:
@@ -293,6 +296,7 @@ def _measure(
     cwd: Optional[str],
     stdin: Optional[str],
     stdout: Optional[str],
+    env: Optional[dict[str, str]],
 ) -> Measurement:
     events = (*FAULTS, RSS_STAT, *MAPPING_CALLS)
     formats = inst.formats((*events, MARKER))
@@ -302,7 +306,7 @@ def _measure(
         os.close(rfd)
         try:
             _child_setup(cwd, stdin, stdout)
-            os.execv(exe, command)
+            os.execve(exe, command, os.environ if env is None else env)
         except BaseException as e:
             msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             os.write(wfd, msg.encode()[:512])
