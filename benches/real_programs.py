@@ -297,6 +297,22 @@ def anonfolio() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "anonfolio"]
 
 
+def record(prog: Program, trace: Path) -> str:
+    """Records ``prog`` into ``trace``; the recorder's one error line, or ""."""
+    rec = subprocess.run(
+        [*anonfolio(), "record", "-o", str(trace), "--", *prog.argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+        env=prog.environ(),
+    )
+    if rec.returncode == 0:
+        return ""
+    lines = rec.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {rec.returncode}"
+
+
 def trace_threads(trace: Path) -> int:
     n = 1
     with open(trace) as f:
@@ -387,7 +403,7 @@ def table(results: list[dict[str, Any]]) -> str:
             if any(k["khugepaged_collapsed"] for k in runs):
                 kh += " (but collapsed!)"
         elif any(k["khugepaged_collapsed"] for k in runs):
-            kh += f" ({max(k['khugepaged_collapsed'] for k in runs)} pages collapsed)"
+            kh += f" ({max(k['khugepaged_collapsed'] for k in runs)} collapses on the host)"
         f = [k["faults"] for k in runs]
         rss = [k["rss_bytes"] for k in runs]
         peak = [k["rss_peak_bytes"] for k in runs]
@@ -399,10 +415,19 @@ def table(results: list[dict[str, Any]]) -> str:
             )
             continue
         pf, pr, pp = p["faults"], p["rss_bytes"], p["rss_peak_bytes"]
+        others = [o for o in r.get("predicted_other_recordings", []) if "error" not in o]
+
+        def also(key: str, scale: int = 1, p: dict[str, Any] = p, others: list[dict[str, Any]] = others) -> str:
+            if not others:
+                return ""
+            return f" [{fmt_range([p[key], *(o[key] for o in others)], scale)}]"
+
         rows.append(
-            f"| {r['program']} | {r['setting']} | {kh} | {fmt_range(f)} / {pf}, {inside(pf, f)} | "
-            f"{fmt_range(rss, 1024)} / {pr // 1024}, {inside(pr // 1024, [x // 1024 for x in rss])} | "
-            f"{fmt_range(peak, 1024)} / {pp // 1024}, {inside(pp // 1024, [x // 1024 for x in peak])} | "
+            f"| {r['program']} | {r['setting']} | {kh} | {fmt_range(f)} / {pf}{also('faults')}, {inside(pf, f)} | "
+            f"{fmt_range(rss, 1024)} / {pr // 1024}{also('rss_bytes', 1024)}, "
+            f"{inside(pr // 1024, [x // 1024 for x in rss])} | "
+            f"{fmt_range(peak, 1024)} / {pp // 1024}{also('rss_peak_bytes', 1024)}, "
+            f"{inside(pp // 1024, [x // 1024 for x in peak])} | "
             f"{folio_cell(pred_folios(p), mf)} |"
         )
     return "\n".join(rows) + "\n"
@@ -414,6 +439,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--settings", help="comma-separated setting names (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "real-programs")
     ap.add_argument("--runs", type=int, default=3, help="kernel runs of a multi-threaded program (default 3)")
+    ap.add_argument(
+        "--records",
+        type=int,
+        default=3,
+        help="recordings of a multi-threaded program (default 3): the table predicts from the first, "
+        "the others show how much the program's own history differs from run to run",
+    )
     ap.add_argument("--lock", type=Path, help="flock this file while THP knobs are set")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -437,25 +469,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         settings = tuple(s for s in SETTINGS if s.name in args.settings.split(","))
     results: list[dict[str, Any]] = []
     for prog in progs:
-        trace = out / f"{prog.name}.trace"
-        t0 = time.perf_counter()
-        rec = subprocess.run(
-            [*anonfolio(), "record", "-o", str(trace), "--", *prog.argv],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            check=False,
-            env=prog.environ(),
-        )
-        if rec.returncode != 0:
-            line = rec.stderr.strip().splitlines()
-            print(f"{prog.name}: record failed: {line[-1] if line else rec.returncode}", file=sys.stderr)
-            results.append({"program": prog.name, "error": f"record: {line[-1] if line else rec.returncode}"})
+        traces = []
+        for i in range(args.records if prog.threads else 1):
+            trace = out / (f"{prog.name}.trace" if i == 0 else f"{prog.name}-r{i + 1}.trace")
+            t0 = time.perf_counter()
+            problem = record(prog, trace)
+            if problem:
+                print(f"{prog.name}: record failed: {problem}", file=sys.stderr)
+                results.append({"program": prog.name, "error": f"record: {problem}"})
+                break
+            traces.append(trace)
+            print(f"{prog.name}: recorded {trace.name} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if not traces:
             continue
-        threads = trace_threads(trace)
-        print(f"{prog.name}: recorded {trace.name} ({threads} thread(s), {time.perf_counter() - t0:.1f} s)", flush=True)
+        threads = trace_threads(traces[0])
         for s in settings:
-            pred = predict(trace, s, threads)
+            preds = [predict(t, s, trace_threads(t)) for t in traces]
             modes = [AS_FOUND, HELD, EAGER] if s.pmd else ["not running"]
             for mode in modes:
                 runs = args.runs if prog.threads else 1
@@ -468,7 +497,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "setting": s.name,
                         "khugepaged": mode,
                         "threads": threads,
-                        "predicted": pred,
+                        "predicted": preds[0],
+                        "predicted_other_recordings": preds[1:],
                         "kernel": kern,
                     }
                 )
