@@ -266,7 +266,7 @@ def setting(s: Setting, lock: Optional[Path], khugepaged: str) -> Iterator[None]
         if khugepaged == HELD:
             sentinel = Sentinel()  # its mapping is advised: its mm is registered
             knobs.set(THP / "khugepaged" / "scan_sleep_millisecs", "3600000")
-            time.sleep(0.3)  # the pass that write woke runs now, before the program
+            wait_khugepaged_asleep()  # the pass that write woke, before the program
         yield
     finally:
         knobs.restore()
@@ -283,6 +283,30 @@ m.madvise(mmap.MADV_HUGEPAGE)
 print("ready", flush=True)
 sys.stdin.read()
 """
+
+
+def _khugepaged_state() -> str:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (d / "comm").read_text().strip() == "khugepaged":
+                    stat = (d / "stat").read_text()
+                    return stat[stat.rindex(")") + 2]
+    return "?"
+
+
+def wait_khugepaged_asleep(timeout_s: float = 20.0) -> None:
+    """Until khugepaged sleeps and its counters stand still for 0.5 s: the
+    pass woken by a knob write can take a few hundred milliseconds (it
+    collapses other processes' memory meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        now = (collapsed(), int((THP / "khugepaged" / "full_scans").read_text()), _khugepaged_state())
+        if now == last and now[2] == "S":
+            return
+        last = now
+        time.sleep(0.5)
 
 
 def collapsed() -> int:
