@@ -110,6 +110,8 @@ class Measurement:
     rss_stat_exit_bytes: int  # the counter's last value before exit, less file COW pages
     file_cow_pages: int  # anonymous pages in private file mappings at exit (pagemap)
     file_cow_traced: int  # the same, as counted from the events
+    anon_vmas: int  # private anonymous VMAs at exit
+    anon_vma_bytes: int  # their total size: where a run's own history differed, so may this
     threads: int
     events: int
     run_s: float
@@ -521,6 +523,8 @@ def _process(
         rss_stat_exit_bytes=rss_exit,
         file_cow_pages=exit_h.file_cow,
         file_cow_traced=file_cow,
+        anon_vmas=sum(1 for v in exit_h.snap.vmas if v.anon),
+        anon_vma_bytes=sum(v.end - v.start for v in exit_h.snap.vmas if v.anon),
         threads=len(tids),
         events=n,
         run_s=run_s,
