@@ -19,7 +19,7 @@ pub fn profile_from_py(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<CostPr
     Ok(p)
 }
 
-/// The `time` object of interface.md, with what more the run measured.
+/// The `time` object of the JSON (docs/json.md), with what more the run measured.
 pub fn time_to_py<'py>(py: Python<'py>, t: &TimeStats) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("elapsed_ns", t.elapsed_ns)?;
