@@ -11,7 +11,7 @@ import dataclasses
 import os
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 from ..api import Simulator
 from ..config import Config
@@ -42,7 +42,10 @@ def race_policies_time(
                 d = sim.run("sequential", size, threads=n, sharing="interleaved", deterministic=seed,
                             time=dict(costs)).to_dict()
                 runs.append(d)
-            med = lambda f: statistics.median(f(d) for d in runs)  # noqa: E731
+
+            def med(f: Callable[[dict[str, Any]], float], runs: list[dict[str, Any]] = runs) -> float:
+                return float(statistics.median(f(d) for d in runs))
+
             row = {
                 "policy": pol, "cpus": n,
                 "elapsed_ms": med(lambda d: d["time"]["elapsed_ns"]) / 1e6,
@@ -56,7 +59,8 @@ def race_policies_time(
             }
             rows.append(row)
             if log:
-                log.write(f"  {pol:<9} {n:>3} CPUs: {row['elapsed_ms']:8.3f} ms  fault mean {row['fault_mean_ns']:7.0f} "
+                log.write(f"  {pol:<9} {n:>3} CPUs: {row['elapsed_ms']:8.3f} ms  "
+                          f"fault mean {row['fault_mean_ns']:7.0f} "
                           f"p99 {row['fault_p99_ns']:7.0f} ns  races {row['races']:6.0f}  wasted zeroing "
                           f"{row['wasted_zeroing_ms']:.3f} ms  PTL wait {row['ptl_wait_ms']:.3f} ms\n")
                 log.flush()
