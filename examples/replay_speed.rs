@@ -25,6 +25,19 @@ fn hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user and system) of this process so far: on a shared
+/// machine, what it cost on one core, whatever else ran.
+fn cpu_s() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(ru.ru_utime) + t(ru.ru_stime)
+}
+
 fn die(msg: String) -> ! {
     eprintln!("replay_speed: {msg}");
     std::process::exit(2)
@@ -55,7 +68,7 @@ fn main() {
         die("usage: replay_speed gen|read|parse|replay|in-memory ...".into())
     };
     let mut opts = RunOptions { threads: 1, ..Default::default() };
-    let mut i = 2;
+    let mut i = if cmd == "gen" { 3 } else { 2 };
     while i < args.len() {
         let v = args.get(i + 1).and_then(|v| v.parse().ok());
         match (args[i].as_str(), v) {
@@ -85,7 +98,7 @@ fn main() {
                     Err(e) => die(format!("{}: {e}", path.display())),
                 }
             }
-            println!("bytes={bytes} wall_s={:.4} hwm_kib={}", t0.elapsed().as_secs_f64(), hwm_kib());
+            println!("bytes={bytes} wall_s={:.4} cpu_s={:.4} hwm_kib={}", t0.elapsed().as_secs_f64(), cpu_s(), hwm_kib());
         }
         "parse" => {
             let mut r = trace::TraceReader::new(open());
@@ -98,10 +111,11 @@ fn main() {
                 }
             }
             println!(
-                "lines={} ops={ops} bytes={} wall_s={:.4} hwm_kib={}",
+                "lines={} ops={ops} bytes={} wall_s={:.4} cpu_s={:.4} hwm_kib={}",
                 r.lines(),
                 r.bytes(),
                 t0.elapsed().as_secs_f64(),
+                cpu_s(),
                 hwm_kib()
             );
         }
@@ -126,10 +140,11 @@ fn main() {
                 die(e.to_string());
             }
             println!(
-                "ops={} faults={} rss_bytes={} wall_s={wall:.4} first_pass_s={first_s:.4} elapsed_s={:.4} hwm_kib={}",
+                "ops={} faults={} rss_bytes={} wall_s={wall:.4} cpu_s={:.4} first_pass_s={first_s:.4} elapsed_s={:.4} hwm_kib={}",
                 r.ops_done,
                 r.stats.faults(),
                 r.stats.rss_pages * 4096,
+                cpu_s(),
                 r.elapsed_s,
                 hwm_kib()
             );
