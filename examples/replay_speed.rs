@@ -98,7 +98,12 @@ fn main() {
                     Err(e) => die(format!("{}: {e}", path.display())),
                 }
             }
-            println!("bytes={bytes} wall_s={:.4} cpu_s={:.4} hwm_kib={}", t0.elapsed().as_secs_f64(), cpu_s(), hwm_kib());
+            println!(
+                "bytes={bytes} wall_s={:.4} cpu_s={:.4} hwm_kib={}",
+                t0.elapsed().as_secs_f64(),
+                cpu_s(),
+                hwm_kib()
+            );
         }
         "parse" => {
             let mut r = trace::TraceReader::new(open());

@@ -235,13 +235,18 @@ def _read_trace(path: str) -> str:
 def cmd_replay(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     path = args.trace
-    text = _read_trace(path)
     sim = Simulator(cfg)
     extra = {"config": _json_config(cfg)}
     try:
-        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic)
+        if path == "-":
+            s = sim.replay(_read_trace(path), threads=args.threads, deterministic=args.deterministic)
+        else:
+            # Streamed from the file (plain, .zst or .gz), never held whole.
+            s = sim.replay_file(path, threads=args.threads, deterministic=args.deterministic)
     except _anonfolio.AnonfolioError as e:
         _fail_with_partial(e, args, extra)
+    except OSError as e:
+        raise CliError(f"cannot read trace {path}: {e.strerror or e}") from None
     emit(s, args, title=f"replay {path}  ({_config_summary(cfg)})", extra=extra)
     return 0
 

@@ -497,3 +497,226 @@ mod policy_tests {
         assert_eq!(folio_orders(Policy::Preferred)[..5], [2, 0, 0, 0, 0]);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod stream_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::mm::vmstat::Stats;
+    use crate::trace::{parse, parse_prefix};
+    use std::io::Write;
+
+    fn mm() -> Mm {
+        let mut c = Config::default();
+        for s in ["16kB=always", "64kB=always", "2048kB=inherit"] {
+            c.set_size_mode(s).unwrap();
+        }
+        c.memory.phys_bytes = 1 << 30;
+        Mm::new(c).unwrap()
+    }
+
+    fn in_memory(text: &str, opts: &RunOptions) -> RunResult {
+        let (ops, parse_error) = parse_prefix(text);
+        let mut r = replay(&mm(), &ops, opts);
+        if r.error.is_none() {
+            r.error = parse_error.map(Into::into);
+        }
+        r
+    }
+
+    fn streamed(text: &[u8], opts: &RunOptions) -> RunResult {
+        let summary = summarize(text);
+        replay_stream(&mm(), &summary, text, opts)
+    }
+
+    /// The figures two runs must share (`elapsed_s` aside).
+    fn same(a: &RunResult, b: &RunResult) -> bool {
+        let key = |r: &RunResult| -> (Stats, u64, Option<String>, Vec<u64>) {
+            (r.stats.clone(), r.ops_done, r.error.as_ref().map(|e| e.to_string()), r.per_cpu_faults.clone())
+        };
+        key(a) == key(b)
+    }
+
+    fn kernel_cases() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernel_cases");
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "trace"))
+            .map(|p| (p.display().to_string(), std::fs::read_to_string(&p).unwrap()))
+            .collect();
+        v.sort();
+        assert!(v.len() >= 50);
+        v
+    }
+
+    #[test]
+    fn a_streamed_replay_is_the_in_memory_replay() {
+        let serial = RunOptions { threads: 1, check_invariants: true, ..Default::default() };
+        for (name, text) in kernel_cases() {
+            let a = in_memory(&text, &serial);
+            let b = streamed(text.as_bytes(), &serial);
+            assert!(same(&a, &b), "{name}:\n{:?}\n{:?}", a.stats, b.stats);
+            assert_eq!(summarize(text.as_bytes()).span, trace_span(&parse(&text).unwrap()), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bad_line_stops_the_streamed_replay_where_it_stops_the_text() {
+        let serial = RunOptions { threads: 1, ..Default::default() };
+        for t in [
+            "mmap 0x7f0000000000 0x200000\nw 0x7f0000000000\nw 0x7f00000zz000\nmmap 0x7f1000000000 0x1000\n",
+            "mmap 0x7f0000000000 0x200000\nw 0x7f0000000000\nw 0x7f0000400000\nw 0x7f0000001000\n",
+            "mmap 0x7f0000000000 0x200000\n@2 w 0x7f0000000000\nmunmap 0x7f0000000000 0x3\n",
+            "w 0x1000\n",
+        ] {
+            let a = in_memory(t, &serial);
+            let b = streamed(t.as_bytes(), &serial);
+            assert!(a.error.is_some(), "{t}");
+            assert!(same(&a, &b), "{t}:\n{a:?}\n{b:?}");
+        }
+    }
+
+    /// Threads with VMA operations as barriers, under several seeds: the
+    /// streamed replay waits where the in-memory one does, so the same seed
+    /// gives the same run; and a trace with stretches longer than a chunk
+    /// (the mmap on thread 0, the writes on 1 and 2) still loses nothing.
+    #[test]
+    fn a_streamed_threaded_replay_keeps_the_barriers_and_the_seeds_run() {
+        let mut t = String::from("mmap 0x7f0000000000 0x40000000\n");
+        // Whole 64 KiB folios.
+        let pages = CHUNK_OPS as u64 * 2 + 112;
+        for i in 0..pages {
+            t += &format!("@{} w {:#x}\n", 1 + i % 2, 0x7f0000000000u64 + i * 4096);
+        }
+        t += "@0 munmap 0x7f0000000000 0x200000\n@1 w 0x7f0000200000\n@2 r 0x7f0000000000\n";
+        for det in [Some(0), Some(1), Some(7), None] {
+            let opts = RunOptions { threads: 3, deterministic: det, check_invariants: true };
+            let b = streamed(t.as_bytes(), &opts);
+            // The last read is of an unmapped page: SIGSEGV, every line
+            // before it done.
+            assert_eq!(b.ops_done, pages + 3, "{det:?}: {:?}", b.error);
+            assert!(matches!(b.error.as_ref().map(Error::inner), Some(Error::Segv(0x7f00_0000_0000))), "{det:?}");
+            assert_eq!(b.stats.rss_peak_pages, pages, "{det:?}");
+            if det.is_some() {
+                let a = in_memory(&t, &opts);
+                assert!(same(&a, &b), "{det:?}:\n{:?}\n{:?}", a.stats, b.stats);
+            }
+        }
+        for (name, text) in kernel_cases().into_iter().step_by(4) {
+            for seed in [3, 11] {
+                let opts = RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true };
+                let a = in_memory(&text, &opts);
+                let b = streamed(text.as_bytes(), &opts);
+                assert!(same(&a, &b), "{name} seed {seed}");
+            }
+        }
+    }
+
+    fn write_file(path: &std::path::Path, bytes: &[u8]) {
+        std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
+    }
+
+    #[test]
+    fn gzip_and_zstd_traces_replay_as_the_plain_file() {
+        let dir = std::env::temp_dir().join(format!("anonfolio-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let serial = RunOptions { threads: 1, check_invariants: true, ..Default::default() };
+        for (name, text) in kernel_cases().into_iter().step_by(5) {
+            let plain = dir.join("t.trace");
+            write_file(&plain, text.as_bytes());
+            let zst = dir.join("t.trace.zst");
+            write_file(&zst, &zstd::encode_all(text.as_bytes(), 3).unwrap());
+            let gz = dir.join("t.trace.gz");
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(text.as_bytes()).unwrap();
+            write_file(&gz, &e.finish().unwrap());
+            let a = replay_path(&mm(), &plain, &serial).unwrap();
+            assert!(a.error.is_none(), "{name}: {:?}", a.error);
+            assert!(a.stats.faults() > 0);
+            for p in [&zst, &gz] {
+                let b = replay_path(&mm(), p, &serial).unwrap();
+                assert!(same(&a, &b), "{name} as {}", p.display());
+            }
+            // A truncated compressed trace is an error naming a line.
+            let bytes = std::fs::read(&zst).unwrap();
+            write_file(&zst, &bytes[..bytes.len() / 2]);
+            let c = replay_path(&mm(), &zst, &serial).unwrap();
+            let msg = c.error.expect("a truncated trace fails").to_string();
+            assert!(msg.starts_with("line ") && msg.contains("cannot read the trace"), "{msg}");
+        }
+        assert_eq!(replay_path(&mm(), &dir.join("missing"), &serial).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A source that makes a sequential first-touch trace of `lines` pages
+    /// as it is read, and at every read checks that the replay is not
+    /// reading ahead of what it ran by more than `ahead` bytes (the faults
+    /// so far tell how many lines ran: one each).
+    struct Watched<'a> {
+        mm: &'a Mm,
+        next: u64,
+        lines: u64,
+        handed_out: u64,
+        ahead: u64,
+        most_ahead: u64,
+        pending: Vec<u8>,
+    }
+
+    const LINE: u64 = 17; // "w 0x7f00xxxxx000\n"
+
+    impl Read for Watched<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let ran = self.mm.stats().faults();
+            while (self.pending.len() as u64) < out.len() as u64 && self.next < self.lines {
+                writeln!(self.pending, "w {:#x}", 0x7f00_0000_0000u64 + self.next * 4096).unwrap();
+                self.next += 1;
+            }
+            let n = out.len().min(self.pending.len());
+            out[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            self.handed_out += n as u64;
+            // What the replay holds now, at most: all it was given but the
+            // lines it ran.
+            let ahead = self.handed_out.saturating_sub(ran * LINE);
+            self.most_ahead = self.most_ahead.max(ahead);
+            assert!(ahead <= self.ahead, "{ahead} bytes read ahead of the {ran} lines run");
+            Ok(n)
+        }
+    }
+
+    /// Replays `lines` generated lines from a [`Watched`] source allowed to
+    /// be `ahead` bytes ahead of the run.
+    fn watched_replay(lines: u64, opts: &RunOptions, ahead: u64) -> u64 {
+        let mut c = Config::default();
+        c.memory.phys_bytes = (lines + 1024) * 4096;
+        let mm = Mm::new(c).unwrap();
+        let base = 0x7f00_0000_0000u64;
+        let summary =
+            TraceSummary { span: Some((base - PMD_SIZE, base + lines * 4096 + 2 * PMD_SIZE)), nthreads: 1, ops: lines };
+        let mut cpu = mm.cpu(0);
+        mm.mmap(&mut cpu, base, lines * 4096, Default::default()).unwrap();
+        drop(cpu);
+        let mut src = Watched { mm: &mm, next: 0, lines, handed_out: 0, ahead, most_ahead: 0, pending: Vec::new() };
+        let r = replay_stream(&mm, &summary, &mut src, opts);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.ops_done, lines);
+        assert_eq!(r.stats.rss_pages, lines);
+        assert_eq!(src.handed_out, lines * LINE);
+        src.most_ahead
+    }
+
+    /// By construction, not by timing: 10^7 lines replay while the serial
+    /// replay never holds more than a buffer and a batch of them, and the
+    /// threaded one more than a buffer and two chunks.
+    #[test]
+    fn a_streamed_replay_holds_a_buffer_never_the_trace() {
+        let buffer = crate::trace::stream::READ_SIZE as u64;
+        let serial = RunOptions { threads: 1, ..Default::default() };
+        let most = watched_replay(10_000_000, &serial, buffer + BATCH as u64 * LINE);
+        assert!(most > buffer / 2, "the source was read as the replay went ({most})");
+        let threads = RunOptions { threads: 2, ..Default::default() };
+        let most = watched_replay(1_000_000, &threads, buffer + 2 * CHUNK_OPS as u64 * LINE);
+        assert!(most > buffer / 2, "{most}");
+    }
+}
