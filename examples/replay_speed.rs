@@ -85,7 +85,7 @@ fn main() {
         "gen" => {
             let lines = arg.parse().unwrap_or_else(|_| die(format!("bad LINES {arg}")));
             let out = args.get(2).unwrap_or_else(|| die("gen LINES OUT".into()));
-            return gen(lines, Path::new(out));
+            gen(lines, Path::new(out));
         }
         "read" => {
             let mut f = std::fs::File::open(path).unwrap_or_else(|e| die(format!("{}: {e}", path.display())));

@@ -255,7 +255,7 @@ class Simulator:
 
     def replay_file(
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, os.PathLike[str]],
         *,
         threads: int = 1,
         deterministic: Optional[int] = None,

@@ -134,7 +134,7 @@ class Simulator(_anonfolio.Simulator):
 
     def replay_file(  # type: ignore[override]
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, os.PathLike[str]],
         *,
         threads: int = 1,
         deterministic: Optional[int] = None,

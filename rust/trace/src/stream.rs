@@ -524,7 +524,7 @@ mod tests {
             for c in 0..=255u8 {
                 let mut w = *b"00000000";
                 w[pos] = c;
-                let digit = (c as char).to_digit(16).is_some();
+                let digit = c.is_ascii_hexdigit();
                 let (_, n) = hex_prefix(u64::from_le_bytes(w));
                 assert_eq!(n, if digit { 8 } else { pos as u32 }, "{c:#x} at {pos}");
             }
