@@ -4,6 +4,7 @@ Use the public package ``anonfolio`` rather than this module: its
 ``Simulator`` subclasses the one here and wraps results in ``Stats``.
 """
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Optional, Protocol, Union
 
@@ -257,6 +258,30 @@ class Simulator:
             TraceError, RangeError, SegmentationFault, OutOfMemory: the first
                 error; operations before it ran, and the exception's ``stats``
                 holds their figures, ``line`` the trace line.
+        """
+
+    def replay_file(
+        self,
+        path: Union[str, os.PathLike[str]],
+        *,
+        threads: int = 1,
+        deterministic: Optional[int] = None,
+        check_invariants: Optional[bool] = None,
+        time: Optional[Mapping[str, float]] = None,
+    ) -> RunDict:
+        """Replays the trace file at ``path``, plain or compressed with zstd
+        or gzip (told by its first bytes), streamed: read twice through a
+        fixed buffer (first for the span of its mmaps and its threads, then
+        to run), never held whole, so memory does not grow with the trace.
+        The same run, figures and errors as ``replay`` of the file's text;
+        the file must not change while it runs.
+
+        Raises:
+            OSError: the file cannot be opened (nothing ran).
+            TraceError, RangeError, SegmentationFault, OutOfMemory: as
+                ``replay``; a file that cannot be read to its end (a corrupt
+                or truncated compressed trace) is a TraceError naming the
+                line it was reading.
         """
 
     def run(

@@ -199,12 +199,37 @@ class Simulator(_anonfolio.Simulator):
         ``bytes``, or a file: a path-like object, or a ``str`` of one line that
         names an existing file (``"app.trace"``). Operations before a bad line run; the error
         (TraceError, SegmentationFault, ...) names the line, and its
-        ``stats`` attribute has the figures of what ran."""
+        ``stats`` attribute has the figures of what ran. A path is
+        streamed (see :meth:`replay_file`)."""
+        if isinstance(trace, os.PathLike):
+            return self.replay_file(
+                trace, threads=threads, deterministic=deterministic, check_invariants=check_invariants, time=time
+            )
         text = _trace_text(trace)
         with _wrapped_error_stats():
             return Stats(
                 super().replay(
                     text, threads=threads, deterministic=deterministic, check_invariants=check_invariants, time=time
+                )
+            )
+
+    def replay_file(  # type: ignore[override]
+        self,
+        path: Union[str, os.PathLike[str]],
+        *,
+        threads: int = 1,
+        deterministic: Optional[int] = None,
+        check_invariants: Optional[bool] = None,
+        time: Optional[Mapping[str, float]] = None,
+    ) -> Stats:
+        """Replays the trace file at ``path`` (plain, zstd or gzip),
+        streamed through a fixed buffer: memory does not grow with the
+        trace. Same figures and errors as :meth:`replay` of its text;
+        OSError if it cannot be opened."""
+        with _wrapped_error_stats():
+            return Stats(
+                super().replay_file(
+                    path, threads=threads, deterministic=deterministic, check_invariants=check_invariants, time=time
                 )
             )
 

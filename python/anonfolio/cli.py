@@ -292,15 +292,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     path = args.trace
-    text = _read_trace(path)
     sim = Simulator(cfg)
     extra = {"config": _json_config(cfg), "trace": path, "threads": args.threads,
              "deterministic": args.deterministic}
     title = f"replay {path}  ({_config_summary(cfg)})"
     try:
-        s = sim.replay(text, threads=args.threads, deterministic=args.deterministic, time=_time_costs(args))
+        time = _time_costs(args)
+        if path == "-":
+            s = sim.replay(_read_trace(path), threads=args.threads, deterministic=args.deterministic, time=time)
+        else:
+            # Streamed from the file (plain, .zst or .gz), never held whole.
+            s = sim.replay_file(path, threads=args.threads, deterministic=args.deterministic, time=time)
     except _anonfolio.AnonfolioError as e:
         _fail_with_partial(e, args, extra, title)
+    except OSError as e:
+        raise CliError(f"cannot read trace {path}: {e.strerror or e}") from None
     emit(s, args, title=title, extra=extra)
     return 0
 

@@ -40,7 +40,7 @@ pub const PMD_ORDER: usize = 9;
 pub const MAX_PAGE_ORDER: usize = 10;
 
 pub use config::{Config, Enabled, MemoryConfig, OnRace, Policy, SizeMode};
-pub use drive::replay::replay;
+pub use drive::replay::{replay, replay_path, replay_stream, summarize, TraceSummary};
 pub use drive::runner::{RunOptions, RunResult};
 pub use drive::vtime::{CostProfile, TimeStats};
 pub use drive::workload::{Sharing, Workload, WorkloadKind};

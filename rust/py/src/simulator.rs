@@ -225,6 +225,42 @@ impl Simulator {
         self.result(py, r)
     }
 
+    /// Replays the trace file at `path` (plain, zstd or gzip), streamed: it
+    /// is read twice (once for what the replay needs first, once to run)
+    /// through a fixed buffer, never held whole.
+    #[pyo3(signature = (path, *, threads = 1, deterministic = None, check_invariants = None, time = None))]
+    fn replay_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: std::path::PathBuf,
+        threads: usize,
+        deterministic: Option<u64>,
+        check_invariants: Option<bool>,
+        time: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let threads = threads_arg(py, threads)?;
+        let opts = RunOptions {
+            threads,
+            deterministic,
+            check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
+            time: time.map(|d| profile_from_py(py, d)).transpose()?,
+        };
+        let mm: &Mm = &self.mm;
+        let r =
+            detached(py, move || anonfolio::replay_path(mm, &path, &opts).map_err(|e| (e, path.display().to_string())));
+        match r {
+            Ok(Ok(r)) => self.result(py, Ok(r)),
+            // FileNotFoundError, PermissionError...: an OSError naming the file.
+            Ok(Err((e, name))) => {
+                let errno = e.raw_os_error().unwrap_or(0);
+                let msg = e.to_string();
+                let msg = msg.split(" (os error").next().unwrap_or(&msg).to_string();
+                Err(pyo3::exceptions::PyOSError::new_err((errno, msg, name)))
+            }
+            Err(p) => Err(p.into_pyerr(py)),
+        }
+    }
+
     /// Runs a built-in workload over a fresh VMA of `size` bytes.
     #[pyo3(signature = (
         workload = None, size = None, *, stride = None, fraction = None, seed = None,

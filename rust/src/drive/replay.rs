@@ -3,9 +3,12 @@
 use crate::drive::runner::{finish, run_cpus, RunOptions, RunResult};
 use crate::error::Error;
 use crate::mm::{Cpu, Mm, Point};
-use crate::trace::{Op, OpKind, TASK_SIZE};
+use crate::trace::{self, Op, OpKind, TraceReader, TASK_SIZE};
 use crate::{PAGE_SIZE, PMD_SIZE};
-use std::time::Instant;
+use std::io::Read;
+use std::path::Path;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Runs one operation on `cpu`.
 #[inline]
@@ -28,30 +31,96 @@ pub fn run_op(mm: &Mm, cpu: &mut Cpu, op: &Op) -> crate::Result<()> {
     r.map_err(|e| Error::AtLine(op.line, Box::new(e)))
 }
 
-/// A stretch of the trace between two VMA operations: each thread's
-/// accesses in it, then the VMA operation that ends it (if any).
-struct Segment<'a> {
-    accesses: Vec<Vec<&'a Op>>,
-    barrier: Option<&'a Op>,
-}
-
 /// Whether an operation changes VMAs: those are barriers between threads.
 fn is_barrier(op: &Op) -> bool {
     !matches!(op.kind, OpKind::Write { .. } | OpKind::Read { .. })
 }
 
-fn segments(ops: &[Op], ncpus: usize) -> Vec<Segment<'_>> {
-    let mut out = vec![Segment { accesses: vec![Vec::new(); ncpus], barrier: None }];
-    for op in ops {
-        let last = out.last_mut().expect("one segment at least");
-        if is_barrier(op) {
-            last.barrier = Some(op);
-            out.push(Segment { accesses: vec![Vec::new(); ncpus], barrier: None });
-        } else {
-            last.accesses[op.thread as usize].push(op);
-        }
+/// The most accesses one [`Chunk`] holds. A stretch between two VMA
+/// operations longer than this runs as several chunks, with a wait between
+/// them (no thread runs more than a chunk ahead of the others, which the
+/// recorded order allows), so that a streamed trace is held a chunk at a
+/// time, never a whole stretch.
+pub const CHUNK_OPS: usize = 1 << 16;
+
+/// A stretch of the trace the CPUs run between two waits: each thread's
+/// accesses, in file order, then the VMA operation that ends it (if any).
+/// Not a kernel structure.
+struct Chunk {
+    /// The accesses sorted by thread (stably): thread `t`'s are
+    /// `ops[starts[t]..starts[t + 1]]`.
+    ops: Vec<Op>,
+    starts: Vec<usize>,
+    /// The accesses in file order, as read (kept for its capacity).
+    read: Vec<Op>,
+    barrier: Option<Op>,
+    /// Nothing follows this chunk.
+    last: bool,
+}
+
+impl Chunk {
+    fn new(ncpus: usize) -> Chunk {
+        Chunk { ops: Vec::new(), starts: vec![0; ncpus + 1], read: Vec::new(), barrier: None, last: false }
     }
-    out
+
+    fn of(&self, t: usize) -> &[Op] {
+        &self.ops[self.starts[t]..self.starts[t + 1]]
+    }
+
+    /// Reads the next chunk from `src`: accesses up to [`CHUNK_OPS`], a VMA
+    /// operation, the end, or an error (returned; the chunk is then the
+    /// last, holding the operations before it).
+    fn fill(&mut self, src: &mut impl Iterator<Item = trace::Result<Op>>, ncpus: usize) -> Option<Error> {
+        self.read.clear();
+        self.barrier = None;
+        self.last = false;
+        let mut error = None;
+        while self.read.len() < CHUNK_OPS {
+            match src.next() {
+                None => {
+                    self.last = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    self.last = true;
+                    error = Some(e.into());
+                    break;
+                }
+                Some(Ok(op)) if op.thread as usize >= ncpus => {
+                    // Only if the file changed between the two reads.
+                    self.last = true;
+                    error = Some(Error::Parse(format!(
+                        "line {}: thread {} was not in the trace when it was first read",
+                        op.line, op.thread
+                    )));
+                    break;
+                }
+                Some(Ok(op)) if is_barrier(&op) => {
+                    self.barrier = Some(op);
+                    break;
+                }
+                Some(Ok(op)) => self.read.push(op),
+            }
+        }
+        // A counting sort by thread.
+        self.starts.iter_mut().for_each(|s| *s = 0);
+        for op in &self.read {
+            self.starts[op.thread as usize + 1] += 1;
+        }
+        for t in 0..ncpus {
+            self.starts[t + 1] += self.starts[t];
+        }
+        // Sized by a copy, then every slot overwritten in thread order.
+        self.ops.clear();
+        self.ops.extend_from_slice(&self.read);
+        let mut at = self.starts.clone();
+        for op in &self.read {
+            let t = op.thread as usize;
+            self.ops[at[t]] = *op;
+            at[t] += 1;
+        }
+        error
+    }
 }
 
 /// A barrier the simulated CPUs wait at by spinning through the scheduler
@@ -90,32 +159,63 @@ impl SpinBarrier {
 /// Runs trace operations on `nthreads` CPUs at once, each thread its own
 /// lines in file order. VMA operations are barriers: every earlier line of
 /// any thread is done before one runs, and no later line starts before it
-/// is done; between barriers the threads' accesses run at once.
-fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> RunResult {
+/// is done; between barriers the threads' accesses run at once. The
+/// operations come from `src` a [`Chunk`] at a time: CPU 0 reads the next
+/// one (into the other of two) once it has run its part of the current
+/// one, so at most two chunks are held, and the in-memory and the streamed
+/// replay of a trace wait at the same points (the same seed gives the same
+/// run). A bad line ends the run after the operations before it, with its
+/// error unless one of those failed first.
+fn run_parallel_ops<S>(mm: &Mm, mut src: S, nthreads: usize, opts: &RunOptions) -> RunResult
+where
+    S: Iterator<Item = trace::Result<Op>> + Send,
+{
     let n = nthreads.max(opts.threads).max(1);
     let cpus: Vec<Cpu> = (0..n).map(|i| mm.cpu(i)).collect();
-    let segs = segments(ops, n);
+    let mut first = Chunk::new(n);
+    let parse_error = Mutex::new(first.fill(&mut src, n));
+    let src = Mutex::new(src);
+    let chunks = [RwLock::new(first), RwLock::new(Chunk::new(n))];
     let barrier =
         SpinBarrier { n, arrived: Default::default(), generation: Default::default(), failed: Default::default() };
-    run_cpus(mm, cpus, opts, |t, cpu| {
+    let mut r = run_cpus(mm, cpus, opts, |t, cpu| {
         let mut done = 0u64;
         let r = (|| {
-            for seg in &segs {
-                for op in &seg.accesses[t] {
+            for k in 0.. {
+                // By the protocol nobody writes chunk k now: these locks
+                // are never contended (a wait here would stall the
+                // deterministic scheduler).
+                let cur = chunks[k % 2].read().unwrap_or_else(|p| p.into_inner());
+                for op in cur.of(t) {
                     cpu.preempt(Point::OpBoundary);
                     run_op(mm, cpu, op)?;
                     done += 1;
                 }
-                let Some(op) = seg.barrier else { continue };
+                let (op, last) = (cur.barrier, cur.last);
+                drop(cur);
+                if last {
+                    return Ok(());
+                }
+                if t == 0 {
+                    // Chunk k - 1, in the other buffer, was left by every
+                    // CPU at its last wait, which CPU 0 passed.
+                    let mut next = chunks[(k + 1) % 2].write().unwrap_or_else(|p| p.into_inner());
+                    let mut src = src.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(e) = next.fill(&mut *src, n) {
+                        *parse_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
+                }
                 if !barrier.wait(cpu) {
                     return Ok(());
                 }
-                if op.thread as usize == t {
-                    run_op(mm, cpu, op)?;
-                    done += 1;
-                }
-                if !barrier.wait(cpu) {
-                    return Ok(());
+                if let Some(op) = op {
+                    if op.thread as usize == t {
+                        run_op(mm, cpu, &op)?;
+                        done += 1;
+                    }
+                    if !barrier.wait(cpu) {
+                        return Ok(());
+                    }
                 }
             }
             Ok(())
@@ -124,7 +224,11 @@ fn run_parallel_ops(mm: &Mm, ops: &[Op], nthreads: usize, opts: &RunOptions) -> 
             barrier.failed.store(true, std::sync::atomic::Ordering::Release);
             (done, e)
         })
-    })
+    });
+    if r.error.is_none() {
+        r.error = parse_error.into_inner().unwrap_or_else(|p| p.into_inner());
+    }
+    r
 }
 
 /// The addresses a line names (for `brk`, up to the page above the
@@ -143,14 +247,14 @@ fn op_range(k: &OpKind) -> (u64, u64) {
     }
 }
 
-/// The PROT_NONE reservation a trace is placed in (as the kernel oracle
-/// places it): the span of every address its lines name, rounded out to
-/// 2 MiB, plus 2 MiB each side.
-pub fn trace_span(ops: &[Op]) -> Option<(u64, u64)> {
-    let (lo, hi) = ops.iter().fold((u64::MAX, 0), |(lo, hi), o| {
-        let (s, e) = op_range(&o.kind);
-        (lo.min(s), hi.max(e))
-    });
+/// Widens `(lo, hi)` (the span so far) by `op` for [`trace_span`].
+fn span_add((lo, hi): (u64, u64), op: &Op) -> (u64, u64) {
+    let (s, e) = op_range(&op.kind);
+    (lo.min(s), hi.max(e))
+}
+
+/// The reservation around the span `(lo, hi)` of the addresses a trace names.
+fn span_reservation((lo, hi): (u64, u64)) -> Option<(u64, u64)> {
     if lo >= hi {
         return None;
     }
@@ -159,20 +263,31 @@ pub fn trace_span(ops: &[Op]) -> Option<(u64, u64)> {
     Some((lo, hi))
 }
 
+/// The PROT_NONE reservation a trace is placed in (as the kernel oracle
+/// places it): the span of every address its lines name, rounded out to
+/// 2 MiB, plus 2 MiB each side.
+pub fn trace_span(ops: &[Op]) -> Option<(u64, u64)> {
+    span_reservation(ops.iter().fold((u64::MAX, 0), span_add))
+}
+
+/// Places the trace in its reservation; the error if that failed.
+fn reserve(mm: &Mm, span: Option<(u64, u64)>) -> Option<Error> {
+    let (lo, hi) = span?;
+    let mut cpu = mm.cpu(0);
+    mm.reserve(&mut cpu, lo, hi).err()
+}
+
 /// Replays a parsed trace. Each `@T` thread runs its own lines in order.
 /// The trace runs inside a PROT_NONE reservation ([`trace_span`]), as on
 /// the kernel oracle, so that page tables are freed on munmap exactly when
 /// the kernel frees them there.
 pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
-    if let Some((lo, hi)) = trace_span(ops) {
-        let mut cpu = mm.cpu(0);
-        if let Err(e) = mm.reserve(&mut cpu, lo, hi) {
-            return finish(mm, vec![cpu], 0.0, 0, Some(e), false);
-        }
+    if let Some(e) = reserve(mm, trace_span(ops)) {
+        return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
     }
     let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
     if opts.threads > 1 || opts.deterministic.is_some() || opts.time.is_some() {
-        return run_parallel_ops(mm, ops, nthreads, opts);
+        return run_parallel_ops(mm, ops.iter().map(|op| Ok(*op)), nthreads, opts);
     }
     // Serially, in file order; each trace thread still has its own CPU.
     let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
@@ -189,6 +304,93 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
     }
     let elapsed = t0.elapsed().as_secs_f64();
     finish(mm, cpus, elapsed, done, error, opts.check_invariants)
+}
+
+/// What the replay of a streamed trace needs to know before it starts,
+/// found by a first read of it ([`summarize`]): what [`replay`] finds in
+/// the operations it is given. Not a kernel structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceSummary {
+    /// The reservation ([`trace_span`]) of the trace's operations.
+    pub span: Option<(u64, u64)>,
+    /// One more than the highest `@T` thread.
+    pub nthreads: usize,
+    /// Operations before the end or the first bad line.
+    pub ops: u64,
+}
+
+/// Reads a trace through to its end, or to its first bad line, as
+/// `parse_prefix` would, holding one buffer: its [`TraceSummary`].
+pub fn summarize<R: Read>(src: R) -> TraceSummary {
+    let mut r = TraceReader::new(src);
+    let (mut span, mut threads, mut ops) = ((u64::MAX, 0), 0u32, 0u64);
+    while let Ok(Some(op)) = r.next_op() {
+        span = span_add(span, &op);
+        threads = threads.max(op.thread);
+        ops += 1;
+    }
+    TraceSummary { span: span_reservation(span), nthreads: threads as usize + 1, ops }
+}
+
+/// Operations the serial streamed replay parses at a time, between two
+/// looks at the clock (`elapsed_s` counts simulating only, as in
+/// [`replay`]).
+const BATCH: usize = 1024;
+
+/// Replays a trace as it is read from `src`, holding a buffer of it (and,
+/// with threads, two [`Chunk`]s), never the whole: the same run as
+/// [`replay`] of `parse_prefix` of the same text, given the
+/// [`summarize`] of it (the figures of what ran before a bad line, and that
+/// line's error unless an operation failed first).
+pub fn replay_stream<R: Read + Send>(mm: &Mm, summary: &TraceSummary, src: R, opts: &RunOptions) -> RunResult {
+    if let Some(e) = reserve(mm, summary.span) {
+        return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
+    }
+    let nthreads = summary.nthreads.max(1);
+    let mut reader = TraceReader::new(src);
+    if opts.threads > 1 || opts.deterministic.is_some() || opts.time.is_some() {
+        return run_parallel_ops(mm, &mut reader, nthreads, opts);
+    }
+    let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut elapsed = Duration::ZERO;
+    let mut done = 0u64;
+    let mut error = None;
+    while error.is_none() {
+        batch.clear();
+        let parse_error = reader.read_batch(&mut batch, BATCH);
+        let t0 = Instant::now();
+        for op in &batch {
+            let t = op.thread as usize;
+            if t >= cpus.len() {
+                // Only if the file changed between the two reads.
+                cpus.extend((cpus.len()..=t).map(|i| mm.cpu(i)));
+            }
+            if let Err(e) = run_op(mm, &mut cpus[t], op) {
+                error = Some(e);
+                break;
+            }
+            done += 1;
+        }
+        elapsed += t0.elapsed();
+        if error.is_none() {
+            error = parse_error.map(Error::from);
+        }
+        if batch.len() < BATCH {
+            break;
+        }
+    }
+    finish(mm, cpus, elapsed.as_secs_f64(), done, error, opts.check_invariants)
+}
+
+/// Replays the trace file at `path`, plain or compressed (zstd, gzip),
+/// streamed: read once by [`summarize`], then again by [`replay_stream`].
+/// The file must not change meanwhile. An error opening it is returned
+/// before anything runs; one reading it ends the run as a bad line does.
+pub fn replay_path(mm: &Mm, path: &Path, opts: &RunOptions) -> std::io::Result<RunResult> {
+    let summary = summarize(trace::open(path)?);
+    let src = trace::open(path)?;
+    Ok(replay_stream(mm, &summary, src, opts))
 }
 
 #[cfg(all(test, not(loom)))]
@@ -327,5 +529,231 @@ mod policy_tests {
         assert_eq!(folio_orders(Policy::V1)[..5], [1, 0, 1, 0, 0]);
         // preferred: 64 KiB or nothing: order 0.
         assert_eq!(folio_orders(Policy::Preferred)[..5], [2, 0, 0, 0, 0]);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod stream_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::mm::vmstat::Stats;
+    use crate::trace::{parse, parse_prefix};
+    use std::io::Write;
+
+    fn mm() -> Mm {
+        let mut c = Config::default();
+        for s in ["16kB=always", "64kB=always", "2048kB=inherit"] {
+            c.set_size_mode(s).unwrap();
+        }
+        c.memory.phys_bytes = 1 << 30;
+        Mm::new(c).unwrap()
+    }
+
+    fn in_memory(text: &str, opts: &RunOptions) -> RunResult {
+        let (ops, parse_error) = parse_prefix(text);
+        let mut r = replay(&mm(), &ops, opts);
+        if r.error.is_none() {
+            r.error = parse_error.map(Into::into);
+        }
+        r
+    }
+
+    fn streamed(text: &[u8], opts: &RunOptions) -> RunResult {
+        let summary = summarize(text);
+        replay_stream(&mm(), &summary, text, opts)
+    }
+
+    /// The figures two runs must share (`elapsed_s` aside).
+    fn same(a: &RunResult, b: &RunResult) -> bool {
+        let key = |r: &RunResult| -> (Stats, u64, Option<String>, Vec<u64>) {
+            (r.stats.clone(), r.ops_done, r.error.as_ref().map(|e| e.to_string()), r.per_cpu_faults.clone())
+        };
+        key(a) == key(b)
+    }
+
+    fn kernel_cases() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernel_cases");
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "trace"))
+            .map(|p| (p.display().to_string(), std::fs::read_to_string(&p).unwrap()))
+            .collect();
+        v.sort();
+        assert!(v.len() >= 50);
+        v
+    }
+
+    #[test]
+    fn a_streamed_replay_is_the_in_memory_replay() {
+        let serial = RunOptions { threads: 1, check_invariants: true, ..Default::default() };
+        for (name, text) in kernel_cases() {
+            let a = in_memory(&text, &serial);
+            let b = streamed(text.as_bytes(), &serial);
+            assert!(same(&a, &b), "{name}:\n{:?}\n{:?}", a.stats, b.stats);
+            assert_eq!(summarize(text.as_bytes()).span, trace_span(&parse(&text).unwrap()), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bad_line_stops_the_streamed_replay_where_it_stops_the_text() {
+        let serial = RunOptions { threads: 1, ..Default::default() };
+        for t in [
+            "mmap 0x7f0000000000 0x200000\nw 0x7f0000000000\nw 0x7f00000zz000\nmmap 0x7f1000000000 0x1000\n",
+            "mmap 0x7f0000000000 0x200000\nw 0x7f0000000000\nw 0x7f0000400000\nw 0x7f0000001000\n",
+            "mmap 0x7f0000000000 0x200000\n@2 w 0x7f0000000000\nmunmap 0x7f0000000000 0x3\n",
+            "w 0x1000\n",
+        ] {
+            let a = in_memory(t, &serial);
+            let b = streamed(t.as_bytes(), &serial);
+            assert!(a.error.is_some(), "{t}");
+            assert!(same(&a, &b), "{t}:\n{a:?}\n{b:?}");
+        }
+    }
+
+    /// Threads with VMA operations as barriers, under several seeds: the
+    /// streamed replay waits where the in-memory one does, so the same seed
+    /// gives the same run; and a trace with stretches longer than a chunk
+    /// (the mmap on thread 0, the writes on 1 and 2) still loses nothing.
+    #[test]
+    fn a_streamed_threaded_replay_keeps_the_barriers_and_the_seeds_run() {
+        let mut t = String::from("mmap 0x7f0000000000 0x40000000\n");
+        // Whole 64 KiB folios.
+        let pages = CHUNK_OPS as u64 * 2 + 112;
+        for i in 0..pages {
+            t += &format!("@{} w {:#x}\n", 1 + i % 2, 0x7f0000000000u64 + i * 4096);
+        }
+        t += "@0 munmap 0x7f0000000000 0x200000\n@1 w 0x7f0000200000\n@2 r 0x7f0000000000\n";
+        for det in [Some(0), Some(1), Some(7), None] {
+            let opts = RunOptions { threads: 3, deterministic: det, check_invariants: true, ..Default::default() };
+            let b = streamed(t.as_bytes(), &opts);
+            // The last read is of an unmapped page: SIGSEGV, every line
+            // before it done (free-running, the other thread's last write,
+            // in the same stretch, may see the failure first and stop).
+            let want = if det.is_some() { pages + 3..=pages + 3 } else { pages + 2..=pages + 3 };
+            assert!(want.contains(&b.ops_done), "{det:?}: {} ops, {:?}", b.ops_done, b.error);
+            assert!(matches!(b.error.as_ref().map(Error::inner), Some(Error::Segv(0x7f00_0000_0000))), "{det:?}");
+            assert_eq!(b.stats.rss_peak_pages, pages, "{det:?}");
+            if det.is_some() {
+                let a = in_memory(&t, &opts);
+                assert!(same(&a, &b), "{det:?}:\n{:?}\n{:?}", a.stats, b.stats);
+            }
+        }
+        for (name, text) in kernel_cases().into_iter().step_by(4) {
+            for seed in [3, 11] {
+                let opts =
+                    RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true, ..Default::default() };
+                let a = in_memory(&text, &opts);
+                let b = streamed(text.as_bytes(), &opts);
+                assert!(same(&a, &b), "{name} seed {seed}");
+            }
+        }
+    }
+
+    fn write_file(path: &std::path::Path, bytes: &[u8]) {
+        std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
+    }
+
+    #[test]
+    fn gzip_and_zstd_traces_replay_as_the_plain_file() {
+        let dir = std::env::temp_dir().join(format!("anonfolio-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let serial = RunOptions { threads: 1, check_invariants: true, ..Default::default() };
+        for (name, text) in kernel_cases().into_iter().step_by(5) {
+            let plain = dir.join("t.trace");
+            write_file(&plain, text.as_bytes());
+            let zst = dir.join("t.trace.zst");
+            write_file(&zst, &zstd::encode_all(text.as_bytes(), 3).unwrap());
+            let gz = dir.join("t.trace.gz");
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(text.as_bytes()).unwrap();
+            write_file(&gz, &e.finish().unwrap());
+            let a = replay_path(&mm(), &plain, &serial).unwrap();
+            assert!(a.error.is_none(), "{name}: {:?}", a.error);
+            assert!(a.stats.faults() > 0);
+            for p in [&zst, &gz] {
+                let b = replay_path(&mm(), p, &serial).unwrap();
+                assert!(same(&a, &b), "{name} as {}", p.display());
+            }
+            // A truncated compressed trace is an error naming a line.
+            let bytes = std::fs::read(&zst).unwrap();
+            write_file(&zst, &bytes[..bytes.len() / 2]);
+            let c = replay_path(&mm(), &zst, &serial).unwrap();
+            let msg = c.error.expect("a truncated trace fails").to_string();
+            assert!(msg.starts_with("line ") && msg.contains("cannot read the trace"), "{msg}");
+        }
+        assert_eq!(replay_path(&mm(), &dir.join("missing"), &serial).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A source that makes a sequential first-touch trace of `lines` pages
+    /// as it is read, and at every read checks that the replay is not
+    /// reading ahead of what it ran by more than `ahead` bytes (the faults
+    /// so far tell how many lines ran: one each).
+    struct Watched<'a> {
+        mm: &'a Mm,
+        next: u64,
+        lines: u64,
+        handed_out: u64,
+        ahead: u64,
+        most_ahead: u64,
+        pending: Vec<u8>,
+    }
+
+    const LINE: u64 = 17; // "w 0x7f00xxxxx000\n"
+
+    impl Read for Watched<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let ran = self.mm.stats().faults();
+            while (self.pending.len() as u64) < out.len() as u64 && self.next < self.lines {
+                writeln!(self.pending, "w {:#x}", 0x7f00_0000_0000u64 + self.next * 4096).unwrap();
+                self.next += 1;
+            }
+            let n = out.len().min(self.pending.len());
+            out[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            self.handed_out += n as u64;
+            // What the replay holds now, at most: all it was given but the
+            // lines it ran.
+            let ahead = self.handed_out.saturating_sub(ran * LINE);
+            self.most_ahead = self.most_ahead.max(ahead);
+            assert!(ahead <= self.ahead, "{ahead} bytes read ahead of the {ran} lines run");
+            Ok(n)
+        }
+    }
+
+    /// Replays `lines` generated lines from a [`Watched`] source allowed to
+    /// be `ahead` bytes ahead of the run.
+    fn watched_replay(lines: u64, opts: &RunOptions, ahead: u64) -> u64 {
+        let mut c = Config::default();
+        c.memory.phys_bytes = (lines + 1024) * 4096;
+        let mm = Mm::new(c).unwrap();
+        let base = 0x7f00_0000_0000u64;
+        let summary =
+            TraceSummary { span: Some((base - PMD_SIZE, base + lines * 4096 + 2 * PMD_SIZE)), nthreads: 1, ops: lines };
+        let mut cpu = mm.cpu(0);
+        mm.mmap(&mut cpu, base, lines * 4096, Default::default()).unwrap();
+        drop(cpu);
+        let mut src = Watched { mm: &mm, next: 0, lines, handed_out: 0, ahead, most_ahead: 0, pending: Vec::new() };
+        let r = replay_stream(&mm, &summary, &mut src, opts);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.ops_done, lines);
+        assert_eq!(r.stats.rss_pages, lines);
+        assert_eq!(src.handed_out, lines * LINE);
+        src.most_ahead
+    }
+
+    /// By construction, not by timing: 10^7 lines replay while the serial
+    /// replay never holds more than a buffer and a batch of them, and the
+    /// threaded one more than a buffer and two chunks.
+    #[test]
+    fn a_streamed_replay_holds_a_buffer_never_the_trace() {
+        let buffer = crate::trace::stream::READ_SIZE as u64;
+        let serial = RunOptions { threads: 1, ..Default::default() };
+        let most = watched_replay(10_000_000, &serial, buffer + BATCH as u64 * LINE);
+        assert!(most > buffer / 2, "the source was read as the replay went ({most})");
+        let threads = RunOptions { threads: 2, ..Default::default() };
+        let most = watched_replay(1_000_000, &threads, buffer + 2 * CHUNK_OPS as u64 * LINE);
+        assert!(most > buffer / 2, "{most}");
     }
 }

@@ -22,6 +22,11 @@
 
 use std::fmt;
 
+pub mod file;
+pub mod stream;
+pub use file::{open, Compression};
+pub use stream::{SliceOps, TraceReader};
+
 /// Bytes in a base page (x86-64).
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -358,23 +363,16 @@ pub fn parse_line(text: &str, lineno: usize) -> Result<Option<Op>> {
 
 /// Parses a whole trace. Stops at the first bad line.
 pub fn parse(text: &str) -> Result<Vec<Op>> {
-    let mut ops = Vec::new();
-    for (i, l) in text.lines().enumerate() {
-        if let Some(op) = parse_line(l, i + 1)? {
-            ops.push(op);
-        }
-    }
-    Ok(ops)
+    SliceOps::new(text.as_bytes()).collect()
 }
 
 /// Like [`parse`], but keeps the operations before the first bad line so a
 /// caller can run them and still report the error.
 pub fn parse_prefix(text: &str) -> (Vec<Op>, Option<Error>) {
     let mut ops = Vec::new();
-    for (i, l) in text.lines().enumerate() {
-        match parse_line(l, i + 1) {
-            Ok(Some(op)) => ops.push(op),
-            Ok(None) => {}
+    for op in SliceOps::new(text.as_bytes()) {
+        match op {
+            Ok(op) => ops.push(op),
             Err(e) => return (ops, Some(e)),
         }
     }

@@ -1,0 +1,629 @@
+//! Streaming the trace: [`TraceReader`] turns any [`Read`] into operations
+//! one line at a time, through a buffer of fixed size, so that a trace of
+//! 10^8 lines is never held whole.
+//!
+//! The lines real traces are made of, `w 0xADDR` and `r 0xADDR` (with or
+//! without `@T`), are parsed straight from the bytes ([`fast_access`]); any
+//! other line (VMA operations, comments, decimal numbers, odd spacing, and
+//! every bad line) goes through [`crate::parse_line`], so that the
+//! operations and the error messages are those of the text parser, line
+//! for line. Neither path allocates for a line that parses.
+
+use crate::{parse_line, Error, Op, OpKind, Result, TASK_SIZE};
+use std::io::{ErrorKind, Read};
+
+/// Bytes the reader asks its source for at a time; also the buffer's size
+/// unless a single line is longer.
+pub const READ_SIZE: usize = 256 << 10;
+
+/// Parses `[@T ]w|r 0xHEX` ending in `\n` or `\r\n` at the start of `b`:
+/// the operation and the bytes of its line. `None` for any other shape (or
+/// a line near the end of `b`), which the general parser then decides, so
+/// this only has to agree with it on the lines it accepts: `@T` in 1-7
+/// decimal digits below 2^20, one space each, 1-16 hex digits below
+/// `TASK_SIZE`.
+#[inline(always)]
+fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
+    // The longest line this takes is 31 bytes, and it reads 8 bytes at a
+    // time: with 40 bytes there is no bounds check to fail on the way.
+    if b.len() < 40 {
+        return None;
+    }
+    let mut i = 0;
+    let mut thread = 0u32;
+    if b[0] == b'@' {
+        i = 1;
+        while i <= 7 && b[i].is_ascii_digit() {
+            thread = thread * 10 + u32::from(b[i] - b'0');
+            i += 1;
+        }
+        if i == 1 || thread >= 1 << 20 || b[i] != b' ' {
+            return None;
+        }
+        i += 1;
+    }
+    let head = u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let write = if head == u32::from_le_bytes(*b"w 0x") {
+        true
+    } else if head == u32::from_le_bytes(*b"r 0x") {
+        false
+    } else {
+        return None;
+    };
+    i += 4;
+    let start = i;
+    let mut addr = 0u64;
+    loop {
+        let w = u64::from_le_bytes(b[i..i + 8].try_into().ok()?);
+        let (value, n) = hex_prefix(w);
+        // n digits: shifting by 4 * 8 = 32 is fine on a u64.
+        addr = (addr << (4 * n)) | value;
+        i += n as usize;
+        if n < 8 || i - start > 16 {
+            break;
+        }
+    }
+    if i == start || i - start > 16 {
+        return None;
+    }
+    match b[i] {
+        b'\n' => i += 1,
+        b'\r' if b[i + 1] == b'\n' => i += 2,
+        _ => return None,
+    }
+    if addr >= TASK_SIZE {
+        return None;
+    }
+    let kind = if write { OpKind::Write { addr } } else { OpKind::Read { addr } };
+    Some((Op { thread, line: lineno as u32, kind }, i))
+}
+
+/// The hex digits that start the 8 bytes of `w` (little-endian: the first
+/// byte lowest): their value and how many there are (0-8), eight bytes at
+/// once (SWAR) rather than a byte and a branch at a time.
+#[inline(always)]
+fn hex_prefix(w: u64) -> (u64, u32) {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    // Per byte (below 0x80, so that no sum carries into the next byte):
+    // the high bit of `b + (0x80 - lo)` says b >= lo, of `b + (0x7f - hi)`
+    // that b > hi.
+    let ascii = !w & HI;
+    let x = w & !HI;
+    let digit = (x + LO * (0x80 - b'0' as u64)) & !(x + LO * (0x7f - b'9' as u64));
+    let y = x | (LO * 0x20);
+    let alpha = (y + LO * (0x80 - b'a' as u64)) & !(y + LO * (0x7f - b'f' as u64));
+    let ok = (digit | alpha) & ascii & HI;
+    // Leading digits: the run of set high bits from the lowest byte.
+    let n = (!ok & HI).trailing_zeros() / 8;
+    // '0'-'9' have bit 6 clear and their value in the low nibble;
+    // 'a'-'f' and 'A'-'F' have it set and the value minus 9 there.
+    let nib = (w & (LO * 0x0f)) + ((w >> 6) & LO) * 9;
+    // Byte k holds digit k; gather them, the first most significant.
+    let v = nib.swap_bytes();
+    let v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
+    let v = (v | (v >> 8)) & 0x0000_ffff_0000_ffff;
+    let v = (v | (v >> 16)) & 0x0000_0000_ffff_ffff;
+    // Keep the first n digits (a non-digit byte gave a nibble of garbage).
+    let v = if n == 0 { 0 } else { v >> (4 * (8 - n)) };
+    (v, n.min(8))
+}
+
+/// What the next line at the start of a buffer is.
+enum Step {
+    /// An operation, and the bytes it took.
+    Op(Op, usize),
+    /// A blank or comment line of so many bytes.
+    Blank(usize),
+    /// The line is not complete in the buffer.
+    More,
+    Err(Error),
+}
+
+/// Parses the line at the start of `b` (not empty), the `lineno`-th of the
+/// trace. `eof`: nothing follows `b`, so a last line without a newline is
+/// complete. `searched`: the first bytes of `b` known to hold no newline
+/// (so that a long line arriving in small reads is not scanned again and
+/// again).
+#[inline(always)]
+fn step(b: &[u8], eof: bool, lineno: u64, searched: usize) -> Step {
+    if let Some((op, n)) = fast_access(b, lineno) {
+        return Step::Op(op, n);
+    }
+    let (line, n) = match memchr::memchr(b'\n', &b[searched..]) {
+        Some(i) => (&b[..searched + i], searched + i + 1),
+        None if eof => (b, b.len()),
+        None => return Step::More,
+    };
+    // As `str::lines` gives it.
+    let line = if n > line.len() { line.strip_suffix(b"\r").unwrap_or(line) } else { line };
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Step::Err(Error::Parse(format!("line {lineno}: not UTF-8 text")));
+    };
+    match parse_line(text, lineno as usize) {
+        Ok(Some(op)) => Step::Op(op, n),
+        Ok(None) => Step::Blank(n),
+        Err(e) => Step::Err(e),
+    }
+}
+
+/// The operations of a trace in memory, in order: what [`crate::parse`]
+/// and [`crate::parse_prefix`] collect. Stops after the first error.
+pub struct SliceOps<'a> {
+    rest: &'a [u8],
+    lineno: u64,
+    failed: bool,
+}
+
+impl<'a> SliceOps<'a> {
+    pub fn new(text: &'a [u8]) -> Self {
+        SliceOps { rest: text, lineno: 0, failed: false }
+    }
+}
+
+impl Iterator for SliceOps<'_> {
+    type Item = Result<Op>;
+
+    fn next(&mut self) -> Option<Result<Op>> {
+        while !self.rest.is_empty() && !self.failed {
+            self.lineno += 1;
+            match step(self.rest, true, self.lineno, 0) {
+                Step::Op(op, n) => {
+                    self.rest = &self.rest[n..];
+                    return Some(Ok(op));
+                }
+                Step::Blank(n) => self.rest = &self.rest[n..],
+                Step::Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+                Step::More => unreachable!("a slice is read to its end"),
+            }
+        }
+        None
+    }
+}
+
+/// A trace read from any [`Read`] (a file, a decompressor, a pipe), one
+/// line at a time. It holds one buffer of [`READ_SIZE`] bytes (more only
+/// for a single line longer than that), never the trace. Yields each
+/// operation with its line number; after the first error (a bad line, or
+/// the source failing, reported as a [`Error::Parse`] naming the line it
+/// was reading) it yields nothing more.
+pub struct TraceReader<R> {
+    src: R,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    eof: bool,
+    failed: bool,
+    /// Bytes from `pos` on known to hold no newline.
+    searched: usize,
+    /// Lines read so far.
+    lineno: u64,
+    /// Bytes of the source taken as whole lines so far.
+    consumed: u64,
+}
+
+impl<R: Read> TraceReader<R> {
+    pub fn new(src: R) -> Self {
+        TraceReader {
+            src,
+            buf: vec![0; READ_SIZE],
+            pos: 0,
+            end: 0,
+            eof: false,
+            failed: false,
+            searched: 0,
+            lineno: 0,
+            consumed: 0,
+        }
+    }
+
+    /// Lines read so far (the number of the last line read).
+    pub fn lines(&self) -> u64 {
+        self.lineno
+    }
+
+    /// Bytes of the source read as lines so far.
+    pub fn bytes(&self) -> u64 {
+        self.consumed
+    }
+
+    /// Bytes the reader holds for its source: its buffer.
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Keeps the unread tail, then reads more behind it (once: a short read
+    /// is fine). A line longer than the whole buffer doubles it.
+    fn refill(&mut self) -> Result<()> {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        loop {
+            match self.src.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::Parse(format!("line {}: cannot read the trace: {e}", self.lineno + 1)));
+                }
+            }
+        }
+    }
+
+    /// The next operation, `Ok(None)` at the end of the trace.
+    #[inline]
+    pub fn next_op(&mut self) -> Result<Option<Op>> {
+        loop {
+            if self.failed {
+                return Ok(None);
+            }
+            let b = &self.buf[self.pos..self.end];
+            if b.is_empty() {
+                if self.eof {
+                    return Ok(None);
+                }
+                if let Err(e) = self.refill() {
+                    self.failed = true;
+                    return Err(e);
+                }
+                continue;
+            }
+            match step(b, self.eof, self.lineno + 1, self.searched) {
+                Step::Op(op, n) => {
+                    self.advance(n);
+                    return Ok(Some(op));
+                }
+                Step::Blank(n) => self.advance(n),
+                Step::More => {
+                    self.searched = b.len();
+                    if let Err(e) = self.refill() {
+                        self.failed = true;
+                        return Err(e);
+                    }
+                }
+                Step::Err(e) => {
+                    self.lineno += 1;
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn advance(&mut self, n: usize) {
+        self.pos += n;
+        self.searched = 0;
+        self.lineno += 1;
+        self.consumed += n as u64;
+    }
+
+    /// Appends up to `max` operations to `out`; returns the error that
+    /// stopped it, if one did. Fewer than `max` and no error: the end.
+    pub fn read_batch(&mut self, out: &mut Vec<Op>, max: usize) -> Option<Error> {
+        for _ in 0..max {
+            match self.next_op() {
+                Ok(Some(op)) => out.push(op),
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    }
+}
+
+impl<R: Read> Iterator for TraceReader<R> {
+    type Item = Result<Op>;
+
+    fn next(&mut self) -> Option<Result<Op>> {
+        self.next_op().transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_prefix;
+
+    /// The text parser as it was before this module: `str::lines` and
+    /// [`parse_line`] for every line. The reference the streaming parser
+    /// must agree with.
+    fn by_lines(text: &str) -> (Vec<Op>, Option<Error>) {
+        let mut ops = Vec::new();
+        for (i, l) in text.lines().enumerate() {
+            match parse_line(l, i + 1) {
+                Ok(Some(op)) => ops.push(op),
+                Ok(None) => {}
+                Err(e) => return (ops, Some(e)),
+            }
+        }
+        (ops, None)
+    }
+
+    /// A source that hands out its bytes `chunk` at a time (a pipe, a
+    /// decompressor), so lines straddle every refill.
+    struct Dribble<'a> {
+        rest: &'a [u8],
+        chunk: usize,
+    }
+
+    impl Read for Dribble<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.chunk.min(out.len()).min(self.rest.len());
+            out[..n].copy_from_slice(&self.rest[..n]);
+            self.rest = &self.rest[n..];
+            Ok(n)
+        }
+    }
+
+    fn streamed(text: &[u8], chunk: usize) -> (Vec<Op>, Option<Error>) {
+        let mut ops = Vec::new();
+        for op in TraceReader::new(Dribble { rest: text, chunk }) {
+            match op {
+                Ok(op) => ops.push(op),
+                Err(e) => return (ops, Some(e)),
+            }
+        }
+        (ops, None)
+    }
+
+    /// Every way in: `parse_prefix` (slices), and the reader with reads of
+    /// 1, 3, 7 bytes and whole buffers, must give what `by_lines` gives.
+    fn assert_same(text: &str) {
+        let want = by_lines(text);
+        assert_eq!(parse_prefix(text), want, "parse_prefix of {text:?}");
+        for chunk in [1, 3, 7, 1 << 20] {
+            assert_eq!(streamed(text.as_bytes(), chunk), want, "reads of {chunk} bytes of {text:?}");
+        }
+    }
+
+    fn kernel_cases() -> Vec<(String, String)> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/kernel_cases");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).expect("tests/kernel_cases") {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "trace") {
+                out.push((p.display().to_string(), std::fs::read_to_string(&p).unwrap()));
+            }
+        }
+        assert!(out.len() >= 50, "found only {} traces in {}", out.len(), dir.display());
+        out
+    }
+
+    #[test]
+    fn streamed_kernel_cases_give_the_text_parsers_ops() {
+        for (name, text) in kernel_cases() {
+            let (ops, err) = by_lines(&text);
+            assert!(err.is_none(), "{name}: {err:?}");
+            assert!(!ops.is_empty(), "{name}");
+            assert_same(&text);
+            // Also with Windows line ends and no newline at the end.
+            assert_same(&text.replace('\n', "\r\n"));
+            assert_same(text.trim_end());
+        }
+    }
+
+    #[test]
+    fn bad_lines_fail_with_the_text_parsers_message() {
+        let lines = [
+            "w 0x1000 extra",
+            "w 0x",
+            "w 0x+10",
+            "w 0x8000000000000",
+            "w 0x00000000000000001",
+            "w 0x11111111111111111",
+            "w 0xffffffffffffffff",
+            "w 0x7fffffffffff",
+            "w 0x10000000000000000",
+            "w 0x1g",
+            "w 4096",
+            "w 18446744073709551616",
+            "r\t0x1000",
+            "  w 0x1000",
+            "w  0x1000",
+            "w 0X1000",
+            "@ w 0x1000",
+            "@1048575 w 0x1000",
+            "@1048576 w 0x1000",
+            "@00000001 w 0x1000",
+            "@0x3 r 0x1000",
+            "@3w 0x1000",
+            "@3",
+            "@-1 w 0x1000",
+            "x 0x1000",
+            "W 0x1000",
+            "w\u{a0}0x1000",
+            "w 0x1000\u{2003}",
+            "w 0x1000\r",
+            "w 0x10\rz",
+            "w \"0x1\\",
+            "w 0x1000 # comment",
+            "# w 0x1000",
+            "mmap 0x1000 0x10zz",
+            "mmap 0x1005 0x1000",
+            "frobnicate 1",
+            "madvise 0x1000 0x1000 sideways",
+            "mremap 0x1000 0x1000 0x5000",
+            "brk 0x800000000000",
+        ];
+        for l in lines {
+            let tail = "w 0x7f0000001000\nw 0x7f0000002000\nw 0x7f0000003000\n";
+            for text in [format!("mmap 0x1000 0x1000\n{l}\n{tail}"), l.to_string(), format!("\n\n{l}\n")] {
+                assert_same(&text);
+            }
+        }
+    }
+
+    /// A small generator of lines near the fast path's edges, mutated at
+    /// random (seeded): every one must parse, or fail, as the text parser
+    /// says.
+    #[test]
+    fn mutated_lines_agree_with_the_text_parser() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move |n: u64| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % n
+        };
+        let alphabet = b"wr@ 0xX19afAF\t\r#mgz-+\n";
+        for _ in 0..20_000 {
+            let mut line: Vec<u8> = match rnd(4) {
+                0 => format!("w {:#x}", rnd(1 << 48)).into_bytes(),
+                1 => format!("@{} r {:#x}", rnd(1 << 21), rnd(1 << 47)).into_bytes(),
+                2 => format!("w {:#018x}", rnd(1 << 47)).into_bytes(),
+                _ => format!("r {}", rnd(1 << 47)).into_bytes(),
+            };
+            for _ in 0..rnd(3) {
+                let at = rnd(line.len() as u64 + 1) as usize;
+                match rnd(3) {
+                    0 => line.insert(at, alphabet[rnd(alphabet.len() as u64) as usize]),
+                    1 if at < line.len() => {
+                        line.remove(at);
+                    }
+                    _ if at < line.len() => line[at] = alphabet[rnd(alphabet.len() as u64) as usize],
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8(line).unwrap();
+            // Lines after it, so that the fast path (which wants 40 bytes
+            // ahead) sees it.
+            assert_same(&format!("{text}\nw 0x2000\nw 0x7f0000001000\nw 0x7f0000002000\n"));
+        }
+    }
+
+    #[test]
+    fn hex_prefix_reads_the_leading_digits_of_a_word() {
+        for (s, v, n) in [
+            (*b"7f000000", 0x7f00_0000, 8),
+            (*b"abcdefAB", 0xabcd_efab, 8),
+            (*b"0123\n w ", 0x123, 4),
+            (*b"g1234567", 0, 0),
+            (*b"9:@`/GFf", 0x9, 1),
+            (*b"ff\xff00000", 0xff, 2),
+            (*b"1\x80\x80\x80\x80\x80\x80\x80", 1, 1),
+        ] {
+            assert_eq!(hex_prefix(u64::from_le_bytes(s)), (v, n), "{s:?}");
+        }
+        // Every byte value in every position, against char::to_digit.
+        for pos in 0..8 {
+            for c in 0..=255u8 {
+                let mut w = *b"00000000";
+                w[pos] = c;
+                let digit = c.is_ascii_hexdigit();
+                let (_, n) = hex_prefix(u64::from_le_bytes(w));
+                assert_eq!(n, if digit { 8 } else { pos as u32 }, "{c:#x} at {pos}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_the_buffer_parses_whole() {
+        let long = format!("w 0x1000 #{}\nr 0x2000\n", "x".repeat(3 * READ_SIZE));
+        assert_same(&long);
+        let bad = format!("w 0x1000 {}\n", "y".repeat(3 * READ_SIZE));
+        assert_same(&bad);
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error_naming_its_line() {
+        let (ops, err) = streamed(b"w 0x1000\nw 0x2000 # \xff\xfe\nw 0x3000\n", 5);
+        assert_eq!(ops.len(), 1);
+        assert_eq!(err, Some(Error::Parse("line 2: not UTF-8 text".into())));
+    }
+
+    #[test]
+    fn a_failing_source_is_an_error_naming_the_line_being_read() {
+        struct Fails(usize);
+        impl Read for Fails {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("corrupt stream"));
+                }
+                self.0 -= 1;
+                let l = b"w 0x1000\n";
+                out[..l.len()].copy_from_slice(l);
+                Ok(l.len())
+            }
+        }
+        let mut r = TraceReader::new(Fails(3));
+        let ops: Vec<_> = r.by_ref().take_while(|o| o.is_ok()).collect();
+        assert_eq!(ops.len(), 3);
+        let mut r = TraceReader::new(Fails(3));
+        let last = r.by_ref().last().unwrap();
+        assert_eq!(last, Err(Error::Parse("line 4: cannot read the trace: corrupt stream".into())));
+        assert!(r.next().is_none(), "nothing after an error");
+    }
+
+    /// Produces `lines` sequential first-touch lines on the fly and counts
+    /// what it handed out; nothing holds them.
+    pub(crate) struct Generator {
+        pub next: u64,
+        pub lines: u64,
+        pub handed_out: std::rc::Rc<std::cell::Cell<u64>>,
+        pending: Vec<u8>,
+    }
+
+    impl Generator {
+        pub fn new(lines: u64) -> Self {
+            Generator { next: 0, lines, handed_out: Default::default(), pending: Vec::new() }
+        }
+    }
+
+    /// Bytes of line `k` (0-based) of the generator: `w 0x7f00xxxxx000\n`.
+    const GEN_LINE: u64 = 17;
+
+    impl Read for Generator {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            use std::io::Write;
+            while self.pending.len() < out.len() && self.next < self.lines {
+                let addr = 0x7f00_0000_0000u64 + self.next * 4096;
+                writeln!(self.pending, "w {addr:#x}").unwrap();
+                self.next += 1;
+            }
+            let n = out.len().min(self.pending.len());
+            out[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            self.handed_out.set(self.handed_out.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    /// By construction, not by timing: while 10^7 lines go through, the
+    /// reader never takes more from its source than the lines it has
+    /// returned plus one buffer, and its buffer never grows.
+    #[test]
+    fn the_reader_holds_one_buffer_never_the_trace() {
+        let n = 10_000_000u64;
+        let g = Generator::new(n);
+        let out = g.handed_out.clone();
+        let mut r = TraceReader::new(g);
+        let cap = r.buffer_capacity();
+        assert_eq!(cap, READ_SIZE);
+        let mut k = 0u64;
+        while let Some(op) = r.next_op().unwrap() {
+            assert_eq!(op.kind, OpKind::Write { addr: 0x7f00_0000_0000 + k * 4096 });
+            k += 1;
+            assert_eq!(op.line as u64, k);
+            assert!(out.get() <= k * GEN_LINE + READ_SIZE as u64, "line {k}: {} bytes taken", out.get());
+        }
+        assert_eq!(k, n);
+        assert_eq!(out.get(), n * GEN_LINE);
+        assert_eq!(r.buffer_capacity(), cap, "the buffer grew");
+        assert_eq!(r.bytes(), n * GEN_LINE);
+    }
+}
