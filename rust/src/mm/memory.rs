@@ -12,6 +12,7 @@ use crate::config::{OnRace, Policy};
 use crate::drive::vtime::{self, Step};
 use crate::error::{Error, Result};
 use crate::mm::huge_memory::align_down;
+use crate::mm::mm_types::PG_NONZERO;
 use crate::mm::mmap_lock::MmapReadGuard;
 use crate::mm::pgtable::*;
 use crate::mm::vma::Vma;
@@ -117,10 +118,14 @@ impl MmInner {
                 vtime::fault_end();
                 return Err(Error::SegvAccess { addr, what });
             }
+            cpu.store_pending = STORE && write;
             let r = self.handle_mm_fault(cpu, vma, addr, write, walked);
+            // Still pending: no handler marked the page (GUP's faults never
+            // set it).
+            let pending = std::mem::take(&mut cpu.store_pending);
             vtime::fault_end();
             if r.map_err(|_| Error::Oom(addr))? == Fault::Mapped {
-                if !(STORE && write) {
+                if !pending {
                     return Ok(());
                 }
                 // A write re-executes the access after the fault, as the
@@ -353,13 +358,21 @@ impl MmInner {
             }
             // folio_ref_add(nr - 1), folio_add_new_anon_rmap(), set_ptes().
             let folio = self.alloc.page(pfn);
-            // folio_zero_user(): the new folio holds zeroes.
+            // folio_zero_user(): the new folio holds zeroes, but for the page
+            // a user store is about to write, marked now while the folio is
+            // unpublished (so the store after the fault needs no atomic and
+            // no second walk).
+            let written = if cpu.store_pending { (idx - i) as u64 } else { u64::MAX };
+            cpu.store_pending = false;
             for k in 1..nr as u64 {
-                self.alloc.page(pfn + k).set_info(0);
+                self.alloc.page(pfn + k).set_info(if k == written { PG_NONZERO } else { 0 });
             }
             // One store for the allocation's reference and folio_ref_add(nr - 1).
             folio.folio_set_count(nr as u32);
             self.folio_add_new_anon_rmap(cpu, folio, order, nr as u32, false);
+            if written == 0 {
+                folio.set_info(folio.info() | PG_NONZERO);
+            }
             t.set_ptes(i, folio_mk_pte(pfn, order), nr);
             drop(g);
             let c = cpu.c();

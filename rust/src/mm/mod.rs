@@ -102,6 +102,10 @@ pub struct Cpu {
     /// found, valid while the tree's `seq` is `vma_seq`.
     vma_seq: u64,
     vma: *const Vma,
+    /// Set while the fault of a user store is handled, cleared by a handler
+    /// that marks the faulting page written as it maps it, so that the
+    /// store need not walk the table again to mark it (not a kernel field).
+    pub(crate) store_pending: bool,
     /// A deterministic scheduler's hook, called at each [`Point`].
     pub sched: Option<Box<dyn FnMut(Point) + Send>>,
 }
@@ -256,6 +260,7 @@ impl Mm {
             },
             vma_seq: u64::MAX,
             vma: std::ptr::null(),
+            store_pending: false,
             sched: None,
         }
     }
