@@ -44,12 +44,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import functools
 import os
-import shutil
-import signal
 import struct
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +56,7 @@ from typing import Optional
 from .record import procfs
 from .record.model import RecordError, Snapshot
 from .record.tracefs import EventFormat, Instance, MissedEvents, TracefsError, read_events
-from .record.tracer import ADDR_NO_RANDOMIZE, Tracer
+from .record.tracer import LaunchError, child_setup, exit_status, resolve, run_traced
 
 PAGE = procfs.PAGE
 FAULTS = ("exceptions/page_fault_user", "exceptions/page_fault_kernel")
@@ -121,22 +119,15 @@ class Measurement:
         return dict(self.__dict__)
 
 
-def _child_setup(cwd: Optional[str], stdin: Optional[str], stdout: Optional[str]) -> None:
-    """In the forked child, before execve: traced, no address-space
-    randomisation, stdin/stdout as asked, then stopped until the parent is
-    ready. THP is left as the host's knobs say."""
-    if _libc.ptrace(0, 0, None, None) != 0:  # PTRACE_TRACEME
-        raise OSError(ctypes.get_errno(), "ptrace(PTRACE_TRACEME)")
-    cur = _libc.personality(0xFFFFFFFF)
-    if _libc.personality(cur | ADDR_NO_RANDOMIZE) == -1:
-        raise OSError(ctypes.get_errno(), "personality(ADDR_NO_RANDOMIZE)")
+def _redirect(cwd: Optional[str], stdin: Optional[str], stdout: Optional[str]) -> None:
+    """In the forked child: the working directory and stdin/stdout as asked
+    (/dev/null by default)."""
     if cwd is not None:
         os.chdir(cwd)
     fd = os.open(stdin or os.devnull, os.O_RDONLY)
     os.dup2(fd, 0)
     fd = os.open(stdout or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
-    os.kill(os.getpid(), signal.SIGSTOP)
 
 
 class _KPageFlags:
@@ -229,17 +220,6 @@ def file_cow_pages(pid: int, vmas: Sequence[procfs.Vma], tid: Optional[int] = No
     return n
 
 
-def _resolve(cmd: str) -> str:
-    if "/" in cmd:
-        if not os.access(cmd, os.X_OK) or os.path.isdir(cmd):
-            raise MeasureError(f"cannot run {cmd!r}: not an executable file")
-        return cmd
-    found = shutil.which(cmd)
-    if found is None:
-        raise MeasureError(f"cannot run {cmd!r}: command not found")
-    return found
-
-
 def measure(
     command: Sequence[str],
     *,
@@ -258,7 +238,10 @@ def measure(
         raise MeasureError("missing COMMAND to measure")
     if os.geteuid() != 0:
         raise MeasureError("measuring needs root (tracefs, /proc/PID/pagemap frame numbers, /proc/kpageflags)")
-    exe = _resolve(command[0])
+    try:
+        exe = resolve(command[0])
+    except LaunchError as e:
+        raise MeasureError(str(e)) from None
     try:
         zero = procfs.zero_pfn()
     except OSError as e:
@@ -302,18 +285,6 @@ def _measure(
 ) -> Measurement:
     events = (*FAULTS, RSS_STAT, *MAPPING_CALLS)
     formats = inst.formats((*events, MARKER))
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        try:
-            _child_setup(cwd, stdin, stdout)
-            os.execve(exe, command, os.environ if env is None else env)
-        except BaseException as e:
-            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            os.write(wfd, msg.encode()[:512])
-        os._exit(127)
-    os.close(wfd)
     held: list[_Held] = []
 
     def on_snapshot(s: Snapshot) -> None:
@@ -322,28 +293,14 @@ def _measure(
         held.append(_Held(s, folios_of(s.tgid, s.vmas, zero, s.tid), cow))
         inst.marker(f"{MARK}{len(held) - 1}")
 
+    # THP as the host's knobs say: that is what is measured.
+    setup = functools.partial(child_setup, thp_disable=False, then=functools.partial(_redirect, cwd, stdin, stdout))
     try:
-        _, st = os.waitpid(pid, 0x40000000)
-        if not os.WIFSTOPPED(st):
-            msg = os.read(rfd, 600).decode(errors="replace") or "it exited before it started"
-            raise MeasureError(f"cannot run {command[0]!r}: {msg}")
-        tracer = Tracer(pid, zero, on_snapshot)
-        tracer.start()
-        inst.follow(pid)
-        inst.enable(events)
-        paths = inst.start_readers(tmp)
-        inst.on()
-        t0 = time.perf_counter()
-        tracer.run()
-        run_s = time.perf_counter() - t0
-        inst.stop()
-    finally:
-        failed = os.read(rfd, 600).decode(errors="replace")
-        os.close(rfd)
-    if failed:
-        raise MeasureError(f"cannot run {command[0]!r}: {failed}")
-    st = tracer.root_status if tracer.root_status is not None else 0
-    status = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+        run = run_traced(inst, exe, command, events, zero, tmp, on_snapshot, setup, env)
+    except LaunchError as e:
+        raise MeasureError(str(e)) from None
+    tracer, paths, run_s = run.tracer, run.paths, run.run_s
+    status = exit_status(tracer)
     kinds = [s.snap.kind for s in held]
     if "fork" in kinds:
         raise MeasureError(f"{command[0]!r} forked a process: measure follows one process only")

@@ -14,7 +14,6 @@ from and to check against.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import struct
 import tempfile
@@ -27,7 +26,7 @@ from typing import Optional, TextIO
 from . import procfs
 from .model import Mm, RecordError, Snapshot
 from .tracefs import INSTANCE_PREFIX, EventFormat, Instance, MissedEvents, TracefsError, read_events
-from .tracer import Tracer, child_setup
+from .tracer import LaunchError, Tracer, child_setup, exit_status, resolve, run_traced
 
 #: The memory system calls whose effects a trace carries.
 SYSCALLS = ("mmap", "munmap", "mprotect", "pkey_mprotect", "mremap", "madvise", "brk", "mlock", "mlock2")
@@ -62,19 +61,6 @@ def trace_path(out: Path, tgid: int, root: int) -> Path:
     return out.with_name(f"{name}.{tgid}.trace")
 
 
-def _resolve(cmd: str) -> str:
-    if "/" in cmd:
-        if not os.path.exists(cmd):
-            raise RecordError(f"cannot run {cmd!r}: no such file")
-        if os.path.isdir(cmd) or not os.access(cmd, os.X_OK):
-            raise RecordError(f"cannot run {cmd!r}: not an executable file")
-        return cmd
-    found = shutil.which(cmd)
-    if found is None:
-        raise RecordError(f"cannot run {cmd!r}: command not found")
-    return found
-
-
 def record(command: Sequence[str], out: Path, buffer_kb: int = DEFAULT_BUFFER_KB) -> Result:
     """Runs ``command`` under the recorder; writes ``out`` (and
     ``OUT.PID.trace`` for every further process). Raises
@@ -84,7 +70,10 @@ def record(command: Sequence[str], out: Path, buffer_kb: int = DEFAULT_BUFFER_KB
         raise RecordError("missing COMMAND to record")
     if os.geteuid() != 0:
         raise RecordError("recording needs root (tracefs, /proc/PID/pagemap frame numbers)")
-    exe = _resolve(command[0])
+    try:
+        exe = resolve(command[0])
+    except LaunchError as e:
+        raise RecordError(str(e)) from None
     try:
         zero = procfs.zero_pfn()
     except OSError as e:
@@ -107,18 +96,6 @@ def record(command: Sequence[str], out: Path, buffer_kb: int = DEFAULT_BUFFER_KB
 
 def _record(inst: Instance, exe: str, command: list[str], out: Path, zero: int, tmp: Path) -> Result:
     formats = inst.formats((*EVENTS, MARKER))
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # the child: becomes COMMAND
-        os.close(rfd)
-        try:
-            child_setup()
-            os.execv(exe, command)
-        except BaseException as e:
-            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            os.write(wfd, msg.encode()[:512])
-        os._exit(127)
-    os.close(wfd)
     snaps: dict[int, Snapshot] = {}
 
     def on_snapshot(s: Snapshot) -> None:
@@ -128,28 +105,14 @@ def _record(inst: Instance, exe: str, command: list[str], out: Path, zero: int, 
 
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the program's, as under `time`
     try:
-        _, st = os.waitpid(pid, 0x40000000)
-        if not os.WIFSTOPPED(st):
-            msg = os.read(rfd, 600).decode(errors="replace") or "it exited before it started"
-            raise RecordError(f"cannot run {command[0]!r}: {msg}")
-        tracer = Tracer(pid, zero, on_snapshot)
-        tracer.start()
-        inst.follow(pid)
-        inst.enable(EVENTS)
-        paths = inst.start_readers(tmp)
-        inst.on()
-        t0 = time.perf_counter()
-        tracer.run()
-        run_s = time.perf_counter() - t0
-        inst.stop()
+        run = run_traced(inst, exe, command, EVENTS, zero, tmp, on_snapshot, child_setup)
+    except LaunchError as e:
+        raise RecordError(str(e)) from None
     finally:
         signal.signal(signal.SIGINT, old_int)
-    failed = os.read(rfd, 600).decode(errors="replace")
-    os.close(rfd)
-    if failed:
-        raise RecordError(f"cannot run {command[0]!r}: {failed}")
-    st = tracer.root_status if tracer.root_status is not None else 0
-    status = os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+    tracer, paths, run_s = run.tracer, run.paths, run.run_s
+    pid = tracer.root
+    status = exit_status(tracer)
     res = Result(status, run_s=run_s)
     losses = inst.losses()
     t1 = time.perf_counter()

@@ -13,12 +13,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from . import procfs
 from .model import Snapshot
+from .tracefs import Instance
 
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
@@ -65,19 +70,107 @@ def same_mm(a: int, b: int) -> bool:
     return bool(_libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0)
 
 
-def child_setup() -> None:
+def child_setup(*, thp_disable: bool = True, then: Optional[Callable[[], None]] = None) -> None:
     """In the forked child, before execve: be traced, THP off for this mm and
-    all it will exec and fork (PR_SET_THP_DISABLE is inherited and kept
-    across execve), no address-space randomisation (as setarch -R), then
-    stop until the recorder is ready."""
+    all it will exec and fork when ``thp_disable`` (PR_SET_THP_DISABLE is
+    inherited and kept across execve), no address-space randomisation (as
+    setarch -R), ``then`` (e.g. redirections), then stop until the tracer is
+    ready."""
     if _libc.ptrace(PTRACE_TRACEME, 0, None, None) != 0:
         raise OSError(ctypes.get_errno(), "ptrace(PTRACE_TRACEME)")
-    if _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+    if thp_disable and _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_THP_DISABLE)")
     cur = _libc.personality(0xFFFFFFFF)
     if _libc.personality(cur | ADDR_NO_RANDOMIZE) == -1:
         raise OSError(ctypes.get_errno(), "personality(ADDR_NO_RANDOMIZE)")
+    if then is not None:
+        then()
     os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class LaunchError(Exception):
+    """COMMAND could not be started (``cannot run 'CMD': why``)."""
+
+
+def resolve(cmd: str) -> str:
+    """The executable COMMAND names: a path as given, else found on PATH."""
+    if "/" in cmd:
+        if not os.path.exists(cmd):
+            raise LaunchError(f"cannot run {cmd!r}: no such file")
+        if os.path.isdir(cmd) or not os.access(cmd, os.X_OK):
+            raise LaunchError(f"cannot run {cmd!r}: not an executable file")
+        return cmd
+    found = shutil.which(cmd)
+    if found is None:
+        raise LaunchError(f"cannot run {cmd!r}: command not found")
+    return found
+
+
+@dataclass
+class Launched:
+    """A traced run that is over: its tracer, the raw ring-buffer copies and
+    the run's wall seconds."""
+
+    tracer: Tracer
+    paths: list[Path]
+    run_s: float
+
+
+def run_traced(
+    inst: Instance,
+    exe: str,
+    command: list[str],
+    events: Sequence[str],
+    zero: int,
+    tmp: Path,
+    on_snapshot: Callable[[Snapshot], None],
+    setup: Callable[[], None],
+    env: Optional[Mapping[str, str]] = None,
+) -> Launched:
+    """Forks, runs ``setup`` in the child (which must end stopped, as
+    :func:`child_setup` does) and execs COMMAND; once it stops, attaches the
+    tracer, enables ``events`` in ``inst`` with a reader per CPU into
+    ``tmp``, and runs the program to its end. A child that cannot start
+    reports why through a pipe: :class:`LaunchError`."""
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # the child: becomes COMMAND
+        os.close(rfd)
+        try:
+            setup()
+            os.execve(exe, command, os.environ if env is None else env)
+        except BaseException as e:
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            os.write(wfd, msg.encode()[:512])
+        os._exit(127)
+    os.close(wfd)
+    try:
+        _, st = os.waitpid(pid, 0x40000000)  # __WALL
+        if not os.WIFSTOPPED(st):
+            msg = os.read(rfd, 600).decode(errors="replace") or "it exited before it started"
+            raise LaunchError(f"cannot run {command[0]!r}: {msg}")
+        tracer = Tracer(pid, zero, on_snapshot)
+        tracer.start()
+        inst.follow(pid)
+        inst.enable(events)
+        paths = inst.start_readers(tmp)
+        inst.on()
+        t0 = time.perf_counter()
+        tracer.run()
+        run_s = time.perf_counter() - t0
+        inst.stop()
+    finally:
+        failed = os.read(rfd, 600).decode(errors="replace")
+        os.close(rfd)
+    if failed:
+        raise LaunchError(f"cannot run {command[0]!r}: {failed}")
+    return Launched(tracer, paths, run_s)
+
+
+def exit_status(tracer: Tracer) -> int:
+    """The traced program's exit status as a shell reports it."""
+    st = tracer.root_status if tracer.root_status is not None else 0
+    return os.WEXITSTATUS(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
 
 
 def _status_field(tid: int, name: str) -> Optional[int]:
