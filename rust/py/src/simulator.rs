@@ -49,6 +49,24 @@ fn threads_arg(py: Python<'_>, threads: usize) -> PyResult<usize> {
 }
 
 impl Simulator {
+    /// The options of a replay or a run: `threads` checked, the invariant
+    /// check defaulting to the configuration's, `time`'s cost profile.
+    fn run_options(
+        &self,
+        py: Python<'_>,
+        threads: usize,
+        deterministic: Option<u64>,
+        check_invariants: Option<bool>,
+        time: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<RunOptions> {
+        Ok(RunOptions {
+            threads: threads_arg(py, threads)?,
+            deterministic,
+            check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
+            time: time.map(|d| profile_from_py(py, d)).transpose()?,
+        })
+    }
+
     /// Runs one direct operation on the simulator's own CPU.
     fn with_cpu<T: Send>(
         &self,
@@ -205,13 +223,7 @@ impl Simulator {
         check_invariants: Option<bool>,
         time: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let threads = threads_arg(py, threads)?;
-        let opts = RunOptions {
-            threads,
-            deterministic,
-            check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
-            time: time.map(|d| profile_from_py(py, d)).transpose()?,
-        };
+        let opts = self.run_options(py, threads, deterministic, check_invariants, time)?;
         let mm: &Mm = &self.mm;
         let r = detached(py, move || {
             let (ops, parse_error) = trace::parse_prefix(&trace);
@@ -238,13 +250,7 @@ impl Simulator {
         check_invariants: Option<bool>,
         time: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let threads = threads_arg(py, threads)?;
-        let opts = RunOptions {
-            threads,
-            deterministic,
-            check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
-            time: time.map(|d| profile_from_py(py, d)).transpose()?,
-        };
+        let opts = self.run_options(py, threads, deterministic, check_invariants, time)?;
         let mm: &Mm = &self.mm;
         let r =
             detached(py, move || anonfolio::replay_path(mm, &path, &opts).map_err(|e| (e, path.display().to_string())));
@@ -284,7 +290,7 @@ impl Simulator {
         advice: Option<String>,
         time: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let threads = threads_arg(py, threads)?;
+        let opts = self.run_options(py, threads, deterministic, check_invariants, time)?;
         let kind = WorkloadKind::parse(workload.as_deref().unwrap_or("sequential")).py_err(py)?;
         let sharing = Sharing::parse(sharing.as_deref().unwrap_or("disjoint")).py_err(py)?;
         let advice = advice.as_deref().map(anonfolio::workload::WorkloadAdvice::parse).transpose().py_err(py)?;
@@ -313,12 +319,6 @@ impl Simulator {
             }
             w.iterations = i;
         }
-        let opts = RunOptions {
-            threads,
-            deterministic,
-            check_invariants: check_invariants.unwrap_or(self.mm.config().check_invariants),
-            time: time.map(|d| profile_from_py(py, d)).transpose()?,
-        };
         let mm: &Mm = &self.mm;
         let r = detached(py, move || anonfolio::workload::run_workload(mm, &w, &opts));
         self.result(py, r)
