@@ -56,6 +56,11 @@ thread_local! {
     static POOL: RefCell<Vec<DefaultStack>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs in virtual time under way on any thread. The hooks test this
+/// before `TIMED`: a thread-local costs a call to `__tls_get_addr` in the
+/// Python extension (a shared object), a static one load.
+static TIMED_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The context of the run on this thread, if its address is `addr`, and
 /// the CPU running there.
 #[inline(always)]
@@ -95,19 +100,24 @@ fn point(addr: usize, me: usize, p: Point) {
 
 /// The virtual-time hooks' access to the run on this thread: `f(timed,
 /// running_cpu)` when a run in virtual time is active and a CPU's
-/// coroutine executes; nothing otherwise (one thread-local load).
+/// coroutine executes; nothing otherwise (one load of a static).
 #[inline(always)]
 pub(crate) fn with_timed(f: impl FnOnce(&mut Timed, usize)) {
+    if TIMED_RUNS.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        return;
+    }
+    with_timed_slow(f);
+}
+
+// Out of line with the thread-local read, so that the compiler cannot hoist
+// the (shared-object) TLS address computation into the fault path.
+#[cold]
+#[inline(never)]
+fn with_timed_slow(f: impl FnOnce(&mut Timed, usize)) {
     let addr = TIMED.with(Cell::get);
     if addr == 0 {
         return;
     }
-    with_timed_slow(addr, f);
-}
-
-#[cold]
-#[inline(never)]
-fn with_timed_slow(addr: usize, f: impl FnOnce(&mut Timed, usize)) {
     let Some(ctx) = current(addr) else { return };
     let me = ctx.running.get();
     if me == NONE {
@@ -120,12 +130,24 @@ fn with_timed_slow(addr: usize, f: impl FnOnce(&mut Timed, usize)) {
 }
 
 /// Restores `CTX` when the run ends, also when unwinding.
-struct CtxGuard(usize, usize);
+struct CtxGuard(usize, usize, bool);
+
+impl CtxGuard {
+    fn enter(addr: usize, timed: usize) -> CtxGuard {
+        if timed != 0 {
+            TIMED_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        CtxGuard(CTX.with(|c| c.replace(addr)), TIMED.with(|c| c.replace(timed)), timed != 0)
+    }
+}
 
 impl Drop for CtxGuard {
     fn drop(&mut self) {
         CTX.with(|c| c.set(self.0));
         TIMED.with(|c| c.set(self.1));
+        if self.2 {
+            TIMED_RUNS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -176,7 +198,7 @@ where
     };
     let addr = &ctx as *const Ctx as usize;
     let timed = if matches!(*ctx.sched.borrow(), Sched::Timed(_)) { addr } else { 0 };
-    let _restore = CtxGuard(CTX.with(|c| c.replace(addr)), TIMED.with(|c| c.replace(timed)));
+    let _restore = CtxGuard::enter(addr, timed);
     let mut results: Vec<Option<JobResult>> = (0..n).map(|_| None).collect();
     {
         let mut coros = Coros { ctx: &ctx, list: Vec::with_capacity(n) };

@@ -222,6 +222,24 @@ mod tests {
         check(&mm);
     }
 
+    /// The write that faults a large folio in stores into its own page,
+    /// wherever that page lies in the folio: a split keeps that page (and
+    /// the ones written after) and sends the rest to the zero page.
+    #[test]
+    fn a_split_keeps_the_page_the_faulting_write_stored_into() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 64 * K, hg()).unwrap();
+        mm.access(&mut cpu, B + 0x5000, true).unwrap();
+        mm.access(&mut cpu, B + 0x9000, true).unwrap();
+        assert_eq!((faults(&mm), mm.stats().mthp[4].nr_anon), (1, 1));
+        mm.madvise(&mut cpu, B + 0xf000, 0x1000, Advice::Free).unwrap();
+        assert_eq!(mm.stats().rss_pages, 2, "pages 5 and 9 hold data, 14 went to the zero page");
+        mm.access(&mut cpu, B + 0x5000, true).unwrap();
+        mm.access(&mut cpu, B + 0x9000, true).unwrap();
+        assert_eq!(faults(&mm), 1, "the written pages take no fault");
+        check(&mm);
+    }
+
     /// MADV_FREE of zero-page PTEs changes nothing: 32 writes after are 32
     /// ordinary zero-page copies.
     #[test]

@@ -257,6 +257,7 @@ impl MmInner {
     }
 
     /// `folio_prealloc()`: an order-0 zeroed, charged folio, or OOM.
+    #[inline]
     pub(crate) fn folio_prealloc(&self, cpu: &mut Cpu) -> VmResult<u64> {
         let pfn = self.vma_alloc_folio(cpu, 0).ok_or(Oom)?;
         if !self.memcg.mem_cgroup_charge(&mut cpu.stock, 1) {
@@ -311,6 +312,20 @@ impl MmInner {
         Ok((self.folio_prealloc(cpu)?, 0))
     }
 
+    /// The tail pages' `struct page` of a new large folio: zero-filled
+    /// (`folio_zero_user()`), but for page `written`, which a user store is
+    /// about to write. Out of line: the order-0 path stays short.
+    #[inline(never)]
+    fn prep_tail_pages(&self, pfn: u64, nr: usize, written: usize) {
+        let pages = self.alloc.folio_pages(pfn, nr);
+        for p in &pages[1..] {
+            p.set_info(0);
+        }
+        if (1..nr).contains(&written) {
+            pages[written].set_info(PG_NONZERO);
+        }
+    }
+
     /// `do_anonymous_page()`.
     fn do_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
         if !self.pte_alloc(cpu, pmd)? {
@@ -362,10 +377,10 @@ impl MmInner {
             // a user store is about to write, marked now while the folio is
             // unpublished (so the store after the fault needs no atomic and
             // no second walk).
-            let written = if cpu.store_pending { (idx - i) as u64 } else { u64::MAX };
+            let written = if cpu.store_pending { idx - i } else { usize::MAX };
             cpu.store_pending = false;
-            for k in 1..nr as u64 {
-                self.alloc.page(pfn + k).set_info(if k == written { PG_NONZERO } else { 0 });
+            if nr > 1 {
+                self.prep_tail_pages(pfn, nr, written);
             }
             // One store for the allocation's reference and folio_ref_add(nr - 1).
             folio.folio_set_count(nr as u32);

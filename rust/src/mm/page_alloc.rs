@@ -101,6 +101,19 @@ impl MemMap {
         #[cfg(loom)]
         return &self.pages[i];
     }
+
+    /// The `nr` pages from `pfn` on: one bounds check for a whole folio.
+    #[inline(always)]
+    fn range(&self, pfn: u64, nr: usize) -> &[Page] {
+        let i = pfn as usize;
+        assert!(i <= self.len && nr <= self.len - i, "pfns {pfn:#x}+{nr} are outside the memory map");
+        #[cfg(not(loom))]
+        // SAFETY: `i + nr <= len`, the map holds `len` contiguous pages, and
+        // zero-filled memory is a valid `Page`.
+        return unsafe { std::slice::from_raw_parts(self.base.add(i), nr) };
+        #[cfg(loom)]
+        return &self.pages[i..i + nr];
+    }
 }
 
 #[cfg(not(loom))]
@@ -196,15 +209,21 @@ impl PageAlloc {
         })
     }
 
-    /// `pfn_to_page()`. Panics for a frame outside the memory map.
-    #[inline(always)]
     /// The address `zone->lock` is known by in virtual time.
     pub(crate) fn zone_lock_addr(&self) -> usize {
         crate::drive::vtime::lock_addr(&*self.zone)
     }
 
+    /// `pfn_to_page()`. Panics for a frame outside the memory map.
+    #[inline(always)]
     pub fn page(&self, pfn: u64) -> &Page {
         self.map.get(pfn)
+    }
+
+    /// The `struct page`s of the `nr` frames from `pfn` (a folio's).
+    #[inline(always)]
+    pub fn folio_pages(&self, pfn: u64, nr: usize) -> &[Page] {
+        self.map.range(pfn, nr)
     }
 
     /// `rmqueue()`: a block of `2^order` pages for a CPU, from its per-CPU
