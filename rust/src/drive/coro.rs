@@ -220,7 +220,7 @@ where
                 match r {
                     Ok(r) => r,
                     Err(p) if c.tearing_down.get() => resume_unwind(p),
-                    Err(_) => Err((0, Error::Config(format!("simulated CPU {i} panicked")))),
+                    Err(p) => Err((0, crate::drive::runner::cpu_panicked(i, &*p))),
                 }
             };
             // SAFETY: the body borrows `ctx`, `job` and one CPU of `cpus`,

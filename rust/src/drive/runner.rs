@@ -135,7 +135,7 @@ where
             let (job, results) = (&job, &results);
             s.spawn(move |_| {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(t, cpu)))
-                    .unwrap_or_else(|_| Err((0, Error::Config(format!("simulated CPU {t} panicked")))));
+                    .unwrap_or_else(|p| Err((0, cpu_panicked(t, &*p))));
                 results.lock().unwrap().push((t, r));
             });
         }
@@ -145,4 +145,26 @@ where
     results.sort_by_key(|(t, _)| *t);
     let (done, err) = gather(results.into_iter().map(|(_, r)| r));
     finish(mm, cpus, elapsed, done, err, opts.check_invariants)
+}
+
+/// The error of a simulated CPU whose job panicked: its number and the
+/// panic's message, so that a bug in the model says where it is.
+pub(crate) fn cpu_panicked(cpu: usize, payload: &(dyn std::any::Any + Send)) -> Error {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    Error::Config(format!("simulated CPU {cpu} panicked: {msg}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cpu_panic_reports_its_message() {
+        let e = std::panic::catch_unwind(|| panic!("pte {:#x} mapped twice", 0x1000)).unwrap_err();
+        assert_eq!(super::cpu_panicked(3, &*e).to_string(), "simulated CPU 3 panicked: pte 0x1000 mapped twice");
+        let e = std::panic::catch_unwind(|| panic!("static text")).unwrap_err();
+        assert_eq!(super::cpu_panicked(0, &*e).to_string(), "simulated CPU 0 panicked: static text");
+    }
 }
