@@ -1,7 +1,7 @@
 //! The deterministic scheduler's cost (used by `benches/sched_speed.py`).
 //!
 //! `cargo run --release --example sched_speed -- [--size 1G] [--reps 5]
-//!  [--cpus 64,1024] [SIZE=MODE ...]`
+//!  [--cpus 64,1024] [--advice hugepage|nohugepage|none] [SIZE=MODE ...]`
 //!
 //! In one process, alternating so that every figure sees the same machine
 //! state: one free-running CPU writing every page of SIZE (no scheduler),
@@ -9,7 +9,11 @@
 //! (`--sharing interleaved --deterministic 1`), each a coroutine switched at
 //! the fault path's points with the default probability. Prints one line
 //! per configuration: min, median and max seconds of `--reps` runs and the
-//! ratio of the medians to the free-running CPU's.
+//! ratio of the medians to the free-running CPU's. The workload is advised
+//! MADV_HUGEPAGE unless `--advice` says otherwise: under the kernel's
+//! default knobs the GiB is then 512 PMD THPs, and `--advice none` makes it
+//! the folios of the sizes at `always` (16,384 of them for `64kB=always`).
+use anonfolio::workload::WorkloadAdvice;
 use anonfolio::{workload, Config, Mm, RunOptions, Sharing, Workload};
 
 fn die(msg: &str) -> ! {
@@ -27,9 +31,9 @@ fn bytes(s: &str) -> u64 {
     n.parse::<u64>().unwrap_or_else(|_| die(&format!("bad size {s:?}"))) * m
 }
 
-fn run_once(cfg: &Config, size: u64, cpus: usize) -> (f64, u64, u64) {
+fn run_once(cfg: &Config, size: u64, advice: Option<WorkloadAdvice>, cpus: usize) -> (f64, u64, u64) {
     let mm = Mm::new(cfg.clone()).unwrap_or_else(|e| die(&e.to_string()));
-    let w = Workload { size, sharing: Sharing::Interleaved, ..Default::default() };
+    let w = Workload { size, sharing: Sharing::Interleaved, advice, ..Default::default() };
     let opts = if cpus == 0 {
         RunOptions { threads: 1, ..Default::default() }
     } else {
@@ -49,10 +53,15 @@ fn main() {
     let mut cfg = Config::default();
     cfg.memory.phys_bytes = 4 << 30;
     let mut modes = Vec::new();
+    let mut advice = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size" => size = bytes(&args.next().unwrap_or_else(|| die("--size needs a value"))),
+            "--advice" => {
+                let v = args.next().unwrap_or_else(|| die("--advice needs a value"));
+                advice = Some(WorkloadAdvice::parse(&v).unwrap_or_else(|e| die(&e.to_string())));
+            }
             "--reps" => reps = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("bad --reps")),
             "--cpus" => {
                 ncpus = args
@@ -77,7 +86,7 @@ fn main() {
     // One warm-up round, then `reps` rounds alternating the configurations.
     for round in 0..=reps {
         for (k, &n) in configs.iter().enumerate() {
-            let (t, f, r) = run_once(&cfg, size, n);
+            let (t, f, r) = run_once(&cfg, size, advice, n);
             if round > 0 {
                 times[k].push(t);
             }
@@ -90,7 +99,11 @@ fn main() {
         (v[0], v[v.len() / 2], v[v.len() - 1])
     };
     let (_, base, _) = med(&mut times[0].clone());
-    println!("size={size} modes={} reps={reps}", if modes.is_empty() { "default".into() } else { modes.join(",") });
+    println!(
+        "size={size} modes={} advice={} reps={reps}",
+        if modes.is_empty() { "default".into() } else { modes.join(",") },
+        advice.map_or("hugepage (default)".to_string(), |a| format!("{a:?}").to_lowercase())
+    );
     for (k, &n) in configs.iter().enumerate() {
         let (lo, m, hi) = med(&mut times[k]);
         let what = if n == 0 { "free-running 1 CPU".to_string() } else { format!("{n} CPUs interleaved, seed 1") };

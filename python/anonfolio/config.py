@@ -61,8 +61,8 @@ class Config:
             the policy's own (v1 retries, the others refault).
         preempt: deterministic mode only: the probability 0..1 of switching to
             another CPU at each point where the fault path can be overtaken
-            (after the lockless estimate, after allocation, before the PTL,
-            between operations). Higher widens the race windows.
+            (the fault's entry, after the lockless estimate, after
+            allocation, before the PTL). Higher widens the race windows.
         memory: simulated physical memory, bytes or a string such as ``"64G"``.
         memcg_limit: memcg ``memory.max`` in bytes (or ``"512M"``); None for no limit.
         fragmentation: fraction 0..1 of pageblocks to pin before the run.

@@ -1,7 +1,8 @@
 //! Simulated CPUs as coroutines on one host thread (not a kernel notion).
 //!
 //! Each CPU's job runs on a stack of its own (a `corosensei` coroutine).
-//! At a scheduling point ([`Point`]) the CPU asks the scheduler
+//! At a scheduling point ([`Point`]) the scheduler listens to (the CPU's
+//! `points` mask; the others cost one test) the CPU asks the scheduler
 //! ([`super::sched`]) whether to hand over; if so it suspends, and the run
 //! loop resumes the CPU the scheduler named. A switch is a few register
 //! saves, not a host context switch, so any number of CPUs (a thousand and
@@ -202,8 +203,10 @@ where
     let mut results: Vec<Option<JobResult>> = (0..n).map(|_| None).collect();
     {
         let mut coros = Coros { ctx: &ctx, list: Vec::with_capacity(n) };
+        let points = ctx.sched.borrow().points();
         for (i, cpu) in cpus.iter_mut().enumerate() {
             cpu.sched = Some(Box::new(move |p| point(addr, i, p)));
+            cpu.points = points;
             let stack = match take_stack() {
                 Ok(s) => s,
                 Err(e) => {
@@ -253,6 +256,7 @@ where
     }
     for cpu in cpus.iter_mut() {
         cpu.sched = None;
+        cpu.points = 0;
     }
     let out = results
         .into_iter()
@@ -286,6 +290,32 @@ mod tests {
         let e = catch_unwind(AssertUnwindSafe(|| h(Point::OpBoundary))).expect_err("must refuse");
         let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(msg.contains("outside its coroutine run"), "{msg}");
+    }
+
+    #[test]
+    fn seeded_cpus_run_on_between_accesses_and_hand_over_at_fault_entry() {
+        let mm = Mm::new(Config::default()).unwrap();
+        let n = 3;
+        let mut cpus: Vec<Cpu> = (0..n).map(|i| mm.cpu(i)).collect();
+        let order = RefCell::new(Vec::new());
+        let (r, _) = run(&mut cpus, Sched::Seeded(Seeded::new(n, 4, 1.0)), &|t, cpu: &mut Cpu| {
+            for _ in 0..3 {
+                order.borrow_mut().push(t);
+                cpu.preempt(Point::OpBoundary);
+            }
+            order.borrow_mut().push(t);
+            cpu.preempt(Point::FaultEntry);
+            order.borrow_mut().push(t);
+            Ok(1)
+        });
+        assert!(r.iter().all(|r| r.is_ok()));
+        let order = order.into_inner();
+        for t in 0..n {
+            let at: Vec<usize> = order.iter().enumerate().filter(|&(_, &c)| c == t).map(|(i, _)| i).collect();
+            assert_eq!(at.len(), 5);
+            assert_eq!(at[3] - at[0], 3, "CPU {t} was switched out between accesses: {order:?}");
+            assert!(at[4] > at[3] + 1, "CPU {t} ran on at its fault entry with p = 1: {order:?}");
+        }
     }
 
     #[test]

@@ -4,15 +4,19 @@
 //! [`super::coro`]; this file only decides. Two policies:
 //!
 //! - [`Seeded`]: at each point where the fault path can be overtaken
-//!   ([`Point`]) a seeded generator decides whether to hand over and to
-//!   whom, with the probability `Config::preempt`. Nothing depends on host
-//!   timing, so the same seed gives the same run, bit for bit, with any
-//!   number of CPUs. (A seed's interleaving differs from the one the
-//!   thread-based scheduler this replaced gave: the draws are mapped to a
-//!   choice by a multiply instead of a division, which at a switch every
-//!   few nanoseconds is a large share of the cost.)
+//!   ([`Point`]: the fault's entry, the windows inside it, a wait) a seeded
+//!   generator decides whether to hand over and to whom, with the
+//!   probability `Config::preempt`. It is not asked between accesses
+//!   ([`Point::OpBoundary`] says why that changes no outcome): an access
+//!   that hits runs on without a call, which is what lets a thousand CPUs
+//!   interleave at nearly the speed of one. Nothing depends on host timing,
+//!   so the same seed gives the same run, bit for bit, with any number of
+//!   CPUs. (A seed's interleaving differs from the one the thread-based
+//!   scheduler this replaced gave: the draws are mapped to a choice by a
+//!   multiply instead of a division.)
 //! - [`Timed`]: in virtual time (`--time`), the CPU with the smallest clock
-//!   runs; the seed only orders CPUs whose clocks are equal.
+//!   runs, checked at every point, between accesses too; the seed only
+//!   orders CPUs whose clocks are equal.
 //!
 //! No CPU is ever switched out inside a spinlock's critical section (the
 //! points lie outside them), so spinlocks are never found held in host
@@ -60,6 +64,13 @@ impl Sched {
             Sched::Timed(t) => t.finish(me),
         }
     }
+    /// The points at which this scheduler is asked ([`Point::bit`]).
+    pub(crate) fn points(&self) -> u8 {
+        match self {
+            Sched::Seeded(_) => Seeded::POINTS,
+            Sched::Timed(_) => Timed::POINTS,
+        }
+    }
 }
 
 /// What a scheduler tells the CPU at a point: keep running, or hand over.
@@ -93,6 +104,10 @@ pub(crate) struct Seeded {
 }
 
 impl Seeded {
+    /// Every point but [`Point::OpBoundary`]: between two accesses nothing
+    /// can overtake that [`Point::FaultEntry`] would not see (see there).
+    pub(crate) const POINTS: u8 = Point::ALL & !Point::OpBoundary.bit();
+
     pub(crate) fn new(ncpus: usize, seed: u64, switch_prob: f64) -> Seeded {
         let mut rng = seed;
         let first = below(next(&mut rng), ncpus);
@@ -132,6 +147,9 @@ impl Decide for Seeded {
 
     #[inline]
     fn point(&mut self, me: usize, p: Point) -> Option<usize> {
+        if p == Point::OpBoundary {
+            return None;
+        }
         let switch = p == Point::Blocked || self.always || next(&mut self.rng) < self.threshold;
         if !switch {
             return None;
@@ -165,6 +183,9 @@ pub(crate) struct Timed {
 }
 
 impl Timed {
+    /// Every point: the clocks decide at each.
+    pub(crate) const POINTS: u8 = Point::ALL;
+
     pub(crate) fn new(ncpus: usize, seed: u64, vt: VTime) -> Timed {
         let mut rng = seed;
         let key: Vec<u64> = (0..ncpus).map(|_| next(&mut rng)).collect();
@@ -267,6 +288,17 @@ mod tests {
         for _ in 0..10_000 {
             assert_ne!(s.point(me, Point::Blocked), Some(gone));
         }
+    }
+
+    #[test]
+    fn seeded_switches_at_fault_entry_but_never_between_accesses() {
+        let mut s = Seeded::new(4, 3, 1.0);
+        let me = s.first().unwrap();
+        assert_eq!(Sched::Seeded(Seeded::new(4, 3, 1.0)).points() & Point::OpBoundary.bit(), 0);
+        for _ in 0..100 {
+            assert_eq!(s.point(me, Point::OpBoundary), None);
+        }
+        assert!(s.point(me, Point::FaultEntry).is_some_and(|o| o != me));
     }
 
     #[test]

@@ -439,6 +439,17 @@ mod tests {
     }
 
     #[test]
+    fn a_cpu_overtaken_at_fault_entry_finds_the_page_mapped_a_spurious_fault() {
+        // Only a switch between the failed walk and the handler's look at
+        // the entry makes a fault spurious: the seeded scheduler does not
+        // switch before accesses, so these come from Point::FaultEntry.
+        let w = Workload { size: 4 << 20, sharing: Sharing::Interleaved, ..Default::default() };
+        let r = run(cfg(Policy::Upstream, &["64kB=always", "2048kB=never"]), &w, 8, Some(1));
+        assert!(r.stats.fault.spurious > 0, "{:?}", r.stats.fault);
+        assert_eq!(r.stats.rss_pages, 1024);
+    }
+
+    #[test]
     fn deterministic_runs_repeat_bit_for_bit() {
         for policy in [Policy::Upstream, Policy::V1, Policy::Preferred] {
             let w = Workload { size: 4 << 20, sharing: Sharing::Interleaved, ..Default::default() };

@@ -107,6 +107,7 @@ impl MmInner {
                 cpu.c().race.refaults.inc();
             }
             tries += 1;
+            cpu.preempt(Point::FaultEntry);
             vtime::fault_begin();
             vtime::step(Step::VmaLookup);
             let Some(vma) = self.lookup(g, cpu, addr) else {

@@ -43,16 +43,41 @@ use vmstat::{Counter, CpuCounters, LockCounters, Stats};
 /// window in which the kernel's CPU holds no lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
+    /// The MMU's walk failed and the fault handler begins (the exception
+    /// entry, before `handle_mm_fault` reads the page table): another CPU
+    /// may map the page meanwhile, and the handler then finds it present
+    /// (a spurious fault) or loses the race under the PTL.
+    FaultEntry,
     /// After the lockless `pte_range_none` estimate, before allocating.
     AfterEstimate,
     /// After the folio is allocated and charged, before the PTL.
     AfterAlloc,
     /// About to take the PTL.
     BeforeLock,
-    /// Between two operations of a CPU.
+    /// Between two accesses of a CPU. Only the scheduler in virtual time
+    /// switches here (before each access it runs the CPU with the smallest
+    /// clock); the seeded one does not listen. What other CPUs do first
+    /// under the mmap read lock cannot change an access that hits a
+    /// present, permitted entry (their faults fill empty entries, or
+    /// replace the zero page, which reads the same), and what clears or
+    /// downgrades entries takes the lock for write: a replay runs it as a
+    /// barrier between its CPUs' accesses, a workload's CPU lets it in only
+    /// at a [`Point::Blocked`]. An access that misses reaches
+    /// [`Point::FaultEntry`].
     OpBoundary,
-    /// Waiting for the mmap lock: someone else must run.
+    /// Waiting for the mmap lock or a barrier: someone else must run.
     Blocked,
+}
+
+impl Point {
+    /// This point's bit in a scheduler's [`Cpu::points`] mask.
+    #[inline(always)]
+    pub const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    /// Every point.
+    pub const ALL: u8 = (1 << (Point::Blocked as u8 + 1)) - 1;
 }
 
 /// What one CPU publishes: its counters and its mmap-lock reader word.
@@ -106,8 +131,12 @@ pub struct Cpu {
     /// that marks the faulting page written as it maps it, so that the
     /// store need not walk the table again to mark it (not a kernel field).
     pub(crate) store_pending: bool,
-    /// A deterministic scheduler's hook, called at each [`Point`].
+    /// A deterministic scheduler's hook, called at each [`Point`] whose
+    /// bit is in `points`.
     pub sched: Option<Box<dyn FnMut(Point) + Send>>,
+    /// The points the scheduler listens to ([`Point::bit`]): one test of a
+    /// byte of the CPU at the others, instead of a call.
+    pub points: u8,
 }
 
 // SAFETY: `vma` is the only field that is not Send. It points into an
@@ -130,6 +159,9 @@ impl Cpu {
 
     #[inline(always)]
     pub(crate) fn preempt(&mut self, p: Point) {
+        if self.points & p.bit() == 0 {
+            return;
+        }
         if let Some(f) = self.sched.as_mut() {
             f(p);
         }
@@ -262,6 +294,7 @@ impl Mm {
             vma: std::ptr::null(),
             store_pending: false,
             sched: None,
+            points: 0,
         }
     }
 
