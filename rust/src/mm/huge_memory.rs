@@ -289,7 +289,7 @@ impl MmInner {
             match slot(k) {
                 Some(e) => {
                     let pte = e.load(Acquire);
-                    if !page.nonzero() {
+                    if !page.nonzero() && !self.alloc.written(head + k) {
                         // remap_page() with RMP_USE_SHARED_ZEROPAGE:
                         // try_to_map_unused_to_zeropage() maps a page that
                         // holds only zeroes to the shared zero page (keeping

@@ -83,7 +83,7 @@ impl MmInner {
                     if pmd_huge(v) {
                         if v & PMD_PROTNONE == 0 && (!write || v & (PMD_HUGE_ZERO | PMD_RDONLY) == 0) {
                             if STORE && write {
-                                self.alloc.page(pte_pfn(v) + pte_index(addr) as u64).mark_nonzero();
+                                self.alloc.mark_written(pte_pfn(v) + pte_index(addr) as u64);
                             }
                             return Ok(());
                         }
@@ -92,7 +92,7 @@ impl MmInner {
                         let pte = unsafe { PageTable::pte_table(v) }.get(pte_index(addr));
                         if pte_present(pte) && (!write || pte_write(pte)) {
                             if STORE && write {
-                                self.alloc.page(pte_pfn(pte)).mark_nonzero();
+                                self.alloc.mark_written(pte_pfn(pte));
                             }
                             return Ok(());
                         }

@@ -23,10 +23,12 @@ pub const PG_PARTIALLY_MAPPED: u32 = 1 << 27;
 pub const PG_PMD_MAPPED: u32 = 1 << 28;
 /// Pinned by injected fragmentation: never freed (not a kernel flag).
 pub const PG_PINNED: u32 = 1 << 29;
-/// The page holds data other than zeroes: a user write reached it (not a
-/// kernel flag: the kernel reads the page itself, `pages_identical()` with
-/// the zero page, when a split looks for pages it can map to the shared
-/// zero page). Kept on every page, heads and tails.
+/// The page holds data other than zeroes: the user write whose fault mapped
+/// it stored into it (not a kernel flag: the kernel reads the page itself,
+/// `pages_identical()` with the zero page, when a split looks for pages it
+/// can map to the shared zero page). Kept on every page, heads and tails;
+/// stores after the fault are marked in `PageAlloc::written`, and a page
+/// holds data if either says so.
 pub const PG_NONZERO: u32 = 1 << 30;
 
 /// The per-frame `struct page`, 8 bytes. For a folio head, `count` is the
@@ -84,17 +86,8 @@ impl Page {
         self.count.store(left, Relaxed);
         left == 0
     }
-    /// A user write stored into this page ([`PG_NONZERO`]), set once with
-    /// an atomic or so that it never overwrites another CPU's update of the
-    /// same word: a plain load and store lost a folio's mapcount in loom's
-    /// `upstream_same_page` (two CPUs faulting the same page).
-    #[inline(always)]
-    pub fn mark_nonzero(&self) {
-        if self.info() & PG_NONZERO == 0 {
-            self.info.fetch_or(PG_NONZERO, Relaxed);
-        }
-    }
-    /// Whether a user write stored into this page.
+    /// Whether the store of the fault that mapped this page reached it
+    /// ([`PG_NONZERO`]); later stores are `PageAlloc::written`.
     #[inline(always)]
     pub fn nonzero(&self) -> bool {
         self.info() & PG_NONZERO != 0

@@ -161,6 +161,14 @@ pub struct PageAlloc {
     pub phys_pages: u64,
     fragmentation: f64,
     pub shared: AllocShared,
+    /// One bit a frame: a user store reached the page after the fault that
+    /// mapped it (the fault's own store is `PG_NONZERO` in its `struct
+    /// page`). A bitmap, not a page flag, so that the MMU's first store to
+    /// each page of a large folio touches one word per 64 pages that stays
+    /// in the cache, not each `struct page` (1024 interleaved CPUs missed
+    /// the cache on most of those). Clear for every free frame. Not a
+    /// kernel structure: the kernel reads the page's contents.
+    written: Vec<AtomicU64>,
 }
 
 #[inline(always)]
@@ -206,6 +214,7 @@ impl PageAlloc {
             phys_pages,
             fragmentation,
             shared: AllocShared::default(),
+            written: std::iter::repeat_with(|| AtomicU64::new(0)).take(phys_pages.div_ceil(64) as usize).collect(),
         })
     }
 
@@ -218,6 +227,45 @@ impl PageAlloc {
     #[inline(always)]
     pub fn page(&self, pfn: u64) -> &Page {
         self.map.get(pfn)
+    }
+
+    /// The MMU's store into the page at `pfn` (see `written`): one load of
+    /// a word, and an atomic or at the page's first store only.
+    #[inline(always)]
+    pub fn mark_written(&self, pfn: u64) {
+        let w = &self.written[(pfn >> 6) as usize];
+        let bit = 1u64 << (pfn & 63);
+        if w.load(Relaxed) & bit == 0 {
+            w.fetch_or(bit, Relaxed);
+        }
+    }
+
+    /// Whether a user store reached the page at `pfn` after its fault.
+    #[inline(always)]
+    pub fn written(&self, pfn: u64) -> bool {
+        self.written[(pfn >> 6) as usize].load(Relaxed) & (1 << (pfn & 63)) != 0
+    }
+
+    /// Clears the written bits of a block being freed. Whole words belong
+    /// to the block alone (blocks are aligned to their size) and nothing
+    /// maps it any more, so a plain store is enough; a smaller block shares
+    /// its word with frames other CPUs may be storing into.
+    #[inline(always)]
+    fn clear_written(&self, pfn: u64, order: usize) {
+        let nr = 1u64 << order;
+        if nr >= 64 {
+            for w in &self.written[(pfn >> 6) as usize..((pfn + nr) >> 6) as usize] {
+                if w.load(Relaxed) != 0 {
+                    w.store(0, Relaxed);
+                }
+            }
+        } else {
+            let w = &self.written[(pfn >> 6) as usize];
+            let mask = ((1u64 << nr) - 1) << (pfn & 63);
+            if w.load(Relaxed) & mask != 0 {
+                w.fetch_and(!mask, Relaxed);
+            }
+        }
     }
 
     /// The `struct page`s of the `nr` frames from `pfn` (a folio's).
@@ -292,6 +340,7 @@ impl PageAlloc {
     #[inline]
     pub fn free_frozen_pages(&self, pcp: &mut PerCpuPages, pfn: u64, order: usize, zl: &LockCounters) {
         self.page(pfn).set_info(0);
+        self.clear_written(pfn, order);
         if pcp_allowed_order(order) {
             let i = pcp_index(order);
             pcp.lists[i].push(pfn as u32);
@@ -467,6 +516,9 @@ impl PageAlloc {
                 if pfn as u64 & ((1 << o) - 1) != 0 {
                     return Err(format!("free block {pfn:#x} is not aligned to its order {o}"));
                 }
+                if let Some(k) = (0..1u64 << o).find(|&k| self.written(pfn as u64 + k)) {
+                    return Err(format!("free block {pfn:#x} of order {o}: page {k} is still marked written"));
+                }
                 n += 1 << o;
             }
         }
@@ -481,9 +533,9 @@ impl PageAlloc {
         self.frontier.load(Relaxed)
     }
 
-    /// Host bytes used by the memory map so far.
+    /// Host bytes used by the memory map so far (and its written bits).
     pub fn host_bytes(&self) -> u64 {
-        self.frontier() * std::mem::size_of::<Page>() as u64
+        self.frontier() * std::mem::size_of::<Page>() as u64 + self.frontier().div_ceil(64) * 8
     }
 }
 
