@@ -62,7 +62,13 @@ fn main() {
                 let v = args.next().unwrap_or_else(|| die("--advice needs a value"));
                 advice = Some(WorkloadAdvice::parse(&v).unwrap_or_else(|e| die(&e.to_string())));
             }
-            "--reps" => reps = args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| die("bad --reps")),
+            "--reps" => {
+                reps = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&r| r > 0)
+                    .unwrap_or_else(|| die("--reps needs a count of at least 1"))
+            }
             "--cpus" => {
                 ncpus = args
                     .next()
