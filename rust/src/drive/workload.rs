@@ -302,8 +302,11 @@ pub fn run_workload(mm: &Mm, w: &Workload, opts: &RunOptions) -> RunResult {
 fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>, t: u64, nt: u64) -> JobResult {
     let mut done = 0u64;
     if w.kind == WorkloadKind::PageFault1 {
-        // Each task maps its own region, as will-it-scale's processes/threads do.
-        let base = WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE);
+        // Each task maps its own region, as will-it-scale's threads do: the
+        // kernel places them side by side (top-down, each below the last,
+        // PMD-aligned when the size is a multiple of 2 MiB), so that
+        // adjacent regions merge into one VMA and every munmap splits it.
+        let base = WORKLOAD_BASE + t * w.size;
         for _ in 0..w.iterations.max(1) {
             mm.mmap(cpu, base, w.size, w.advice().flags()).map_err(|e| (done, e))?;
             let r = touch_pages(mm, cpu, (0..w.size / PAGE_SIZE).map(|p| base + p * PAGE_SIZE), true);

@@ -112,6 +112,7 @@ impl MmInner {
             let Some(vma) = self.lookup(g, cpu, addr) else {
                 return Err(Error::Segv(addr));
             };
+            vtime::lock_vma_under_rcu(addr, vma.start);
             // access_error(): checked by the arch fault handler before
             // handle_mm_fault, so a SIGSEGV here counts no fault.
             if let Some(what) = access_error(vma, write) {
