@@ -309,10 +309,10 @@ struct Hold {
 /// one of them, as it would have on the machine.
 const HOLDS: usize = 32;
 
-/// Holds of the mmap lock for read remembered: every fault that fell back
-/// leaves one, and a munmap's zap (a long one) must not be forgotten among
-/// them while writers still arrive inside it.
-const READ_HOLDS: usize = 256;
+/// Holds of the mmap lock for read remembered per CPU: every fault that
+/// fell back leaves one, and a munmap's zap (a long one) must not be
+/// forgotten among other CPUs' while writers still arrive inside it.
+const READ_HOLDS: usize = 4;
 
 /// A lock's recent holds in virtual time, a ring.
 #[derive(Clone, Default)]
@@ -336,6 +336,11 @@ impl LockState {
     }
     fn push(&mut self, h: Hold) {
         self.push_ring(h, HOLDS);
+    }
+    /// The latest end of the holds by other CPUs (those `of` accepts)
+    /// that end after `t`.
+    fn ending_after(&self, t: u64, me: usize, of: impl Fn(usize) -> bool) -> Option<u64> {
+        self.holds.iter().filter(|h| h.holder != me && h.to > t && of(h.holder)).map(|h| h.to).max()
     }
 }
 
@@ -440,7 +445,8 @@ pub(crate) struct VTime {
     lru_del: Vec<u32>,
     /// The mmap lock in virtual time: its holds for write and for read.
     mmap_write: LockState,
-    mmap_read: LockState,
+    /// Per CPU (see [`READ_HOLDS`]).
+    mmap_read: Vec<LockState>,
     mmap_held: Vec<MmapHeld>,
     /// VMA write locks, and the latest end among them (a fault after it
     /// need not look).
@@ -459,6 +465,10 @@ pub(crate) struct VTime {
     /// a host-level wait for the mmap lock began: (clock, those figures).
     blocked_by: Vec<(u64, u64)>,
     host_wait: Vec<Option<(u64, (u64, u64))>>,
+    /// The mm of each CPU's task: the mmap lock and the VMA locks are
+    /// shared only between CPUs of one mm (all of them, unless a workload
+    /// runs processes, [`set_mm`]).
+    mm_of: Vec<usize>,
 }
 
 impl VTime {
@@ -482,7 +492,7 @@ impl VTime {
             lru_add: vec![0; ncpus],
             lru_del: vec![0; ncpus],
             mmap_write: LockState::default(),
-            mmap_read: LockState::default(),
+            mmap_read: vec![LockState::default(); ncpus],
             mmap_held: vec![MmapHeld::None; ncpus],
             vma_wlocks: Vec::new(),
             vma_wlocks_next: 0,
@@ -493,6 +503,7 @@ impl VTime {
             last_fault: vec![(0, 0, 0); ncpus],
             blocked_by: vec![(0, 0); ncpus],
             host_wait: vec![None; ncpus],
+            mm_of: vec![0; ncpus],
         }
     }
 
@@ -583,17 +594,24 @@ impl VTime {
         *clock = c;
     }
 
-    /// `mmap_write_lock()` in virtual time: waits while another CPU holds
-    /// the lock, for write or for read.
+    /// `mmap_write_lock()` in virtual time: waits until every hold by
+    /// another CPU, for write or for read, that ends later has ended. Not
+    /// only those under way at this time: a writer's host-level wait can
+    /// end after a writer that arrived later in virtual time went through,
+    /// and the rwsem's queue would have put this one after it.
     fn mmap_write_lock(&mut self, clock: &mut u64, me: usize) {
         let start = *clock;
-        loop {
-            let w = self.mmap_write.covering(*clock, me);
-            let r = self.mmap_read.covering(*clock, me);
-            match w.max(r) {
-                Some(to) => *clock = to + self.cacheline,
-                None => break,
-            }
+        let mine = self.mm_of[me];
+        let w = self.mmap_write.ending_after(*clock, me, |c| self.mm_of[c] == mine);
+        let r = self
+            .mmap_read
+            .iter()
+            .enumerate()
+            .filter(|(c, _)| self.mm_of[*c] == mine)
+            .filter_map(|(_, h)| h.ending_after(*clock, me, |_| true))
+            .max();
+        if let Some(to) = w.max(r) {
+            *clock = to + self.cacheline;
         }
         self.waited(LockClass::MmapLock, *clock - start);
         self.mmap_held[me] = MmapHeld::Write { from: *clock };
@@ -607,7 +625,12 @@ impl VTime {
         let start = *clock;
         let mut until = *clock;
         for (cpu, &(addr, f, t)) in self.last_fault.iter().enumerate() {
-            if cpu != me && f <= from && from < t && wlocked.iter().any(|&(s, e)| s <= addr && addr < e) {
+            if cpu != me
+                && self.mm_of[cpu] == self.mm_of[me]
+                && f <= from
+                && from < t
+                && wlocked.iter().any(|&(s, e)| s <= addr && addr < e)
+            {
                 until = until.max(t + self.cacheline);
             }
         }
@@ -638,7 +661,7 @@ impl VTime {
         match self.mmap_held[me] {
             MmapHeld::Write { from } => self.mmap_write_end(clock, me, from, wlocked, nr),
             MmapHeld::Downgraded { from } => {
-                self.mmap_read.push_ring(Hold { from, to: *clock, holder: me }, READ_HOLDS);
+                self.mmap_read[me].push_ring(Hold { from, to: *clock, holder: me }, READ_HOLDS);
             }
             MmapHeld::None => {}
         }
@@ -648,10 +671,14 @@ impl VTime {
     /// Whether another CPU had write-locked the VMA at `addr` at `t`.
     fn vma_write_locked(&self, t: u64, me: usize, addr: u64) -> bool {
         t < self.vma_wlocks_end
-            && self
-                .vma_wlocks
-                .iter()
-                .any(|w| w.holder != me && w.from <= t && t < w.to && w.start <= addr && addr < w.end)
+            && self.vma_wlocks.iter().any(|w| {
+                w.holder != me
+                    && self.mm_of[w.holder] == self.mm_of[me]
+                    && w.from <= t
+                    && t < w.to
+                    && w.start <= addr
+                    && addr < w.end
+            })
     }
 
     /// An atomic read-modify-write of the `vm_refcnt` of the VMA `key`:
@@ -681,12 +708,22 @@ impl VTime {
         self.fault_addr[me] = addr;
         if self.vma_write_locked(*clock, me, addr) {
             let start = *clock;
-            while let Some(to) = self.mmap_write.covering(*clock, me) {
+            let mine = self.mm_of[me];
+            while let Some(to) = self
+                .mmap_write
+                .holds
+                .iter()
+                .filter(|h| h.holder != me && self.mm_of[h.holder] == mine && h.from <= *clock && *clock < h.to)
+                .map(|h| h.to)
+                .max()
+            {
                 *clock = to + self.cacheline;
             }
             self.waited(LockClass::MmapLock, *clock - start);
             self.fault_lock[me] = FaultLock::MmapRead { from: *clock };
         } else {
+            // VMAs of different mms are different lines.
+            let key = key ^ (self.mm_of[me] << 48);
             self.refcnt_rmw(clock, me, key);
             self.fault_lock[me] = FaultLock::Vma { key };
         }
@@ -701,7 +738,7 @@ impl VTime {
                 self.last_fault[me] = (self.fault_addr[me], self.fault_start[me], *clock);
             }
             FaultLock::MmapRead { from } => {
-                self.mmap_read.push_ring(Hold { from, to: *clock, holder: me }, READ_HOLDS);
+                self.mmap_read[me].push_ring(Hold { from, to: *clock, holder: me }, READ_HOLDS);
             }
         }
     }
@@ -804,6 +841,16 @@ pub fn lock_vma_under_rcu(addr: u64, vma_start: u64) {
     with(|t, me| {
         let (clock, vt) = t.parts(me);
         vt.lock_vma_under_rcu(clock, me, addr, vma_start as usize);
+    });
+}
+
+/// The running CPU's task belongs to mm `id` from now on (see
+/// [`crate::drive::workload::Workload::processes`]); every CPU starts in mm 0.
+#[inline(always)]
+pub fn set_mm(id: usize) {
+    with(|t, me| {
+        let (_, vt) = t.parts(me);
+        vt.mm_of[me] = id;
     });
 }
 
