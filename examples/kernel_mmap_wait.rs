@@ -54,7 +54,7 @@ fn main() {
                         None => v.parse().unwrap_or_else(|_| die("bad --size")),
                     },
                 };
-                if size == 0 || size % 4096 != 0 {
+                if size == 0 || !size.is_multiple_of(4096) {
                     die("--size must be a positive multiple of 4096");
                 }
             }
