@@ -82,7 +82,9 @@ pub enum Step {
     /// the deferred-split checks, `free_pages_prepare` of a compound page),
     /// per large folio.
     FreeLargeFolio,
-    /// `tlb_finish_mmu`: the TLB flush that ends an unmap.
+    /// A TLB flush through `flush_tlb_mm_range`: `tlb_finish_mmu` ending an
+    /// unmap, and `ptep_clear_flush` of the zero page's entry in
+    /// `wp_page_copy`.
     TlbFlush,
     /// Per existing VMA a write section changes (`__split_vma`,
     /// `vma_expand`, the detach in `vms_gather_munmap_vmas`): its

@@ -400,9 +400,11 @@ impl MmInner {
             self.waste_folio(cpu, pfn, 0);
             return Ok(Fault::NotMapped);
         }
+        vtime::step(Step::TlbFlush); // ptep_clear_flush() of the zero page's entry
         let folio = self.alloc.page(pfn);
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, 0, 1, false);
+        vtime::step(Step::SetPte); // set_pte_at()
         t.ptes[idx].store(folio_mk_pte(pfn, 0), Release);
         drop(g);
         let c = cpu.c();
