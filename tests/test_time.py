@@ -62,3 +62,30 @@ def test_the_fit_recovers_what_the_model_itself_measured(region):
     worst = max(rows, key=lambda r: abs(r[3]))
     assert abs(worst[3]) < 5.0, worst
     assert abs(f["costs"]["zero_per_kib_ns"] - 120.0) < 6.0
+
+
+def test_scaling_in_virtual_time_takes_the_knobs_and_runs_threads_or_processes(capsys):
+    """Threads of one mm share its mmap lock (a munmap's zap holds off the
+    others' mmap and munmap) and the merged VMA's vm_refcnt line; processes
+    share only zone->lock and the LRU lock. The --thp knobs reach the run."""
+    base = ("experiment", "scaling", "--time", "--threads", "1,4", "--size", "4M", "--iterations", "2",
+            "--no-plots", "--no-progress", "--thp", "2048kB=never")
+
+    def waits(out: str) -> dict[str, int]:
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith("4 CPUs"))
+        w = line.split("wait ns/page:")[1].split()
+        return {k: int(v) for k, v in zip(w[::2], w[1::2])}
+
+    rc, threads, _ = run_cli(capsys, *base)
+    assert rc == 0 and "(threads)" in threads
+    assert waits(threads).get("mmap_lock", 0) > 0 and waits(threads).get("vma_lock", 0) > 0
+    rc, procs, _ = run_cli(capsys, *base, "--processes")
+    assert rc == 0 and "(processes)" in procs
+    assert "mmap_lock" not in waits(procs) and "vma_lock" not in waits(procs)
+    rc, big, _ = run_cli(capsys, *base, "--thp", "64kB=always")
+    assert rc == 0 and "64kB=always" in big
+    rate = lambda out: float(out.split("1 CPUs:")[1].split()[0])  # noqa: E731
+    assert rate(big) > 2 * rate(threads), "64 kB folios fault fewer times"
+    rc = cli.main(["experiment", "scaling", "--processes"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and "--processes needs --time" in err

@@ -299,6 +299,7 @@ class Simulator:
         check_invariants: Optional[bool] = None,
         advice: Optional[str] = None,
         time: Optional[Mapping[str, float]] = None,
+        processes: bool = False,
     ) -> RunDict:
         """Maps a VMA of ``size`` bytes (default 1 GiB) with ``advice``
         (``hugepage``: MADV_HUGEPAGE, ``nohugepage``, ``none``; None is

@@ -247,7 +247,9 @@ class Simulator(_anonfolio.Simulator):
         sparse: 0.1), ``seed`` (default 0), ``threads``, ``sharing``
         (``"disjoint"``/``"interleaved"``), ``iterations`` (page_fault1,
         default 1), ``deterministic`` (seed of a deterministic interleaving),
-        ``check_invariants``. A workload that touches more pages than the
+        ``check_invariants``, ``time`` (a cost profile's costs: virtual
+        time), ``processes`` (page_fault1 as will-it-scale's process mode:
+        in virtual time each CPU a task of its own mm). A workload that touches more pages than the
         simulated memory raises OutOfMemory before it starts."""
         check_fits(self.config, workload, size, **kwargs)
         with _wrapped_error_stats():

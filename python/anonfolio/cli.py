@@ -405,6 +405,8 @@ def cmd_race_policies(args: argparse.Namespace) -> int:
 def cmd_scaling(args: argparse.Namespace) -> int:
     from . import experiments
 
+    if args.processes and args.time is None:
+        raise CliError("--processes needs --time (free-running CPUs share one mm)")
     if args.time is not None:
         from .experiments._scaling_time import DEFAULT_CPUS, scaling_time
 
@@ -414,8 +416,12 @@ def cmd_scaling(args: argparse.Namespace) -> int:
         cpus = DEFAULT_CPUS if args.threads == [1, 2, 4] else args.threads
         size = args.size or (16 << 20)
         iters = 2 if args.iterations == 10 else args.iterations
-        sys.stdout.write(f"page_fault1 in virtual time: {size >> 20} MiB per CPU, {iters} loops\n")
-        scaling_time(costs, cpus=cpus, size=size, iterations=iters, out=args.out, log=sys.stdout)
+        cfg = config_from_args(args)
+        mode = "processes" if args.processes else "threads"
+        sys.stdout.write(f"page_fault1 in virtual time ({mode}): {size >> 20} MiB per CPU, {iters} loops; "
+                         f"{_config_summary(cfg)}\n")
+        scaling_time(costs, cpus=cpus, size=size, iterations=iters, config=cfg, processes=args.processes,
+                     out=args.out, log=sys.stdout)
         return 0
 
     cfg = config_from_args(args)
@@ -751,7 +757,11 @@ def build_parser() -> ArgumentParser:
     sc.add_argument("--out", metavar="DIR", help="also write scaling.csv, scaling.md and scaling.png here")
     sc.add_argument("--time", nargs="?", const="", default=None, metavar="PROFILE.json",
                     help="page_fault1 in virtual time on simulated CPUs (default 1..256, 16 MiB each, 2 loops) "
-                         "with this cost profile (default: the one shipped)")
+                         "with this cost profile (default: the one shipped); THP knobs: the kernel's defaults "
+                         "unless given")
+    sc.add_argument("--processes", action="store_true",
+                    help="with --time: will-it-scale's process mode, each simulated CPU a task of its own mm "
+                         "(its own mmap lock and VMAs; zone->lock and the LRU lock shared), instead of threads")
     sc.add_argument("--no-plots", action="store_true", help="no PNG")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal)")
     add_config_options(sc, knob_defaults="enabled=madvise, 16kB, 64kB and 256kB always, 2048kB never, "

@@ -24,18 +24,22 @@ def scaling_time(
     iterations: int = 2,
     config: Optional[Config] = None,
     seed: int = 0,
+    processes: bool = False,
     out: Optional[str] = None,
     log: Optional[TextIO] = None,
 ) -> list[dict[str, Any]]:
     """One row per CPU count: virtual pages/s, the linear reference, the
-    efficiency, and the virtual ns each lock was waited for per page."""
+    efficiency, and the virtual ns each lock was waited for per page.
+    ``processes``: will-it-scale's process mode (each CPU a task of its own
+    mm) instead of threads of one."""
     cfg = config or Config(hugepages={"2048kB": "never"})
     rows: list[dict[str, Any]] = []
     one: Optional[float] = None
     for n in cpus:
         phys = max(1 << 30, 2 * n * size + (256 << 20))
         sim = Simulator(dataclasses.replace(cfg, memory=phys))
-        s = sim.run("page_fault1", size, threads=n, iterations=iterations, deterministic=seed, time=dict(costs))
+        s = sim.run("page_fault1", size, threads=n, iterations=iterations, deterministic=seed, time=dict(costs),
+                    processes=processes)
         t = s.to_dict()["time"]
         pages = n * iterations * (size // 4096)
         rate = pages / t["elapsed_ns"] * 1e9

@@ -271,7 +271,7 @@ impl Simulator {
     #[pyo3(signature = (
         workload = None, size = None, *, stride = None, fraction = None, seed = None,
         threads = 1, sharing = None, iterations = None, deterministic = None, check_invariants = None,
-        advice = None, time = None
+        advice = None, time = None, processes = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn run<'py>(
@@ -289,12 +289,16 @@ impl Simulator {
         check_invariants: Option<bool>,
         advice: Option<String>,
         time: Option<&Bound<'py, PyDict>>,
+        processes: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let opts = self.run_options(py, threads, deterministic, check_invariants, time)?;
         let kind = WorkloadKind::parse(workload.as_deref().unwrap_or("sequential")).py_err(py)?;
+        if processes && kind != WorkloadKind::PageFault1 {
+            return Err(config_err(py, "processes: only page_fault1 runs as processes"));
+        }
         let sharing = Sharing::parse(sharing.as_deref().unwrap_or("disjoint")).py_err(py)?;
         let advice = advice.as_deref().map(anonfolio::workload::WorkloadAdvice::parse).transpose().py_err(py)?;
-        let mut w = Workload { kind, sharing, advice, ..Workload::default() };
+        let mut w = Workload { kind, sharing, advice, processes, ..Workload::default() };
         if let Some(s) = size {
             w.size = bytes_arg(py, "size", s)?;
         }

@@ -238,7 +238,7 @@ impl Decide for Timed {
             let until = a.map_or(t, |x| x.0);
             let was = self.clock[me];
             self.clock[me] = was.max(until) + self.spin_ns;
-            self.vt.blocked(self.clock[me] - was);
+            self.vt.blocked(me, self.clock[me] - was);
         }
         if (t, k) < (self.clock[me], self.key[me]) {
             let n = self.first().expect("peeked");

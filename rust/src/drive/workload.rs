@@ -127,6 +127,12 @@ pub struct Workload {
     pub sharing: Sharing,
     /// The VMA's advice; None is the workload's own ([`Workload::advice`]).
     pub advice: Option<WorkloadAdvice>,
+    /// page_fault1 as will-it-scale's process mode: each CPU a task of its
+    /// own mm. The simulator still has one mm; the regions lie apart (as in
+    /// different address spaces nothing merges), and in virtual time each
+    /// CPU's mmap lock and VMA locks are its own, while `zone->lock`, the
+    /// lruvec lock and the page allocator stay shared, as between processes.
+    pub processes: bool,
 }
 
 impl Default for Workload {
@@ -140,6 +146,7 @@ impl Default for Workload {
             iterations: 1,
             sharing: Sharing::Disjoint,
             advice: None,
+            processes: false,
         }
     }
 }
@@ -302,8 +309,17 @@ pub fn run_workload(mm: &Mm, w: &Workload, opts: &RunOptions) -> RunResult {
 fn run_share(mm: &Mm, cpu: &mut Cpu, w: &Workload, perm: Option<&PermutationRef>, t: u64, nt: u64) -> JobResult {
     let mut done = 0u64;
     if w.kind == WorkloadKind::PageFault1 {
-        // Each task maps its own region, as will-it-scale's processes/threads do.
-        let base = WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE);
+        // Each task maps its own region, as will-it-scale's threads do: the
+        // kernel places them side by side (top-down, each below the last,
+        // PMD-aligned when the size is a multiple of 2 MiB), so that
+        // adjacent regions merge into one VMA and every munmap splits it.
+        // Processes' regions are in different mms: apart, never merged.
+        let base = if w.processes {
+            crate::drive::vtime::set_mm(t as usize);
+            WORKLOAD_BASE + t * (w.size.next_multiple_of(crate::PMD_SIZE) + crate::PMD_SIZE)
+        } else {
+            WORKLOAD_BASE + t * w.size
+        };
         for _ in 0..w.iterations.max(1) {
             mm.mmap(cpu, base, w.size, w.advice().flags()).map_err(|e| (done, e))?;
             let r = touch_pages(mm, cpu, (0..w.size / PAGE_SIZE).map(|p| base + p * PAGE_SIZE), true);

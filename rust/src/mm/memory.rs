@@ -113,6 +113,7 @@ impl MmInner {
             let Some(vma) = self.lookup(g, cpu, addr) else {
                 return Err(Error::Segv(addr));
             };
+            vtime::lock_vma_under_rcu(addr, vma.start);
             // access_error(): checked by the arch fault handler before
             // handle_mm_fault, so a SIGSEGV here counts no fault.
             if let Some(what) = access_error(vma, write) {
@@ -415,9 +416,11 @@ impl MmInner {
             self.waste_folio(cpu, pfn, 0);
             return Ok(Fault::NotMapped);
         }
+        vtime::step(Step::TlbFlush); // ptep_clear_flush() of the zero page's entry
         let folio = self.alloc.page(pfn);
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, 0, 1, false);
+        vtime::step(Step::SetPte); // set_pte_at()
         t.ptes[idx].store(folio_mk_pte(pfn, 0), Release);
         drop(g);
         let c = cpu.c();

@@ -65,7 +65,7 @@ impl Mm {
     pub fn munmap(&self, cpu: &mut Cpu, addr: u64, len: u64) -> Result<()> {
         check_range(addr, len, 0)?;
         self.with_write_lock(cpu, |mm, t, cpu| {
-            mm.do_vmi_munmap(t, cpu, addr, addr + len);
+            mm.do_vmi_munmap(t, cpu, addr, addr + len, true);
             Ok(())
         })
     }
@@ -98,7 +98,7 @@ impl Mm {
             if addr <= t.brk {
                 // Always allow shrinking brk.
                 if newbrk < oldbrk {
-                    mm.do_vmi_munmap(t, cpu, newbrk, oldbrk);
+                    mm.do_vmi_munmap(t, cpu, newbrk, oldbrk, true);
                 }
                 t.brk = addr;
                 return Ok(());
@@ -176,10 +176,24 @@ impl Mm {
 impl MmInner {
     /// `do_vmi_munmap()` of `[start, end)`: removes the VMAs (splitting at
     /// the ends), zaps their pages, frees page tables no neighbour needs.
-    pub(crate) fn do_vmi_munmap(&self, t: &mut crate::mm::vma::VmaTree, cpu: &mut Cpu, start: u64, end: u64) {
+    /// With `unlock` (munmap, brk), the mmap lock is downgraded to read
+    /// once the VMAs are detached (`vms_complete_munmap_vmas`): in virtual
+    /// time only, as the tree stays behind the write guard.
+    pub(crate) fn do_vmi_munmap(
+        &self,
+        t: &mut crate::mm::vma::VmaTree,
+        cpu: &mut Cpu,
+        start: u64,
+        end: u64,
+        unlock: bool,
+    ) {
         // vma_adjust_trans_huge() is done by zap_pmd_range for a partly
         // unmapped PMD.
         let (gone, extent) = t.munmap(start, end);
+        if unlock {
+            let (wlocked, nr) = t.take_write_locked();
+            crate::drive::vtime::mmap_write_downgrade(&wlocked, nr);
+        }
         for v in &gone {
             self.unmap_page_range(cpu, v.start, v.end, false);
         }

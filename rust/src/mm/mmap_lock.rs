@@ -51,14 +51,24 @@ pub struct MmapWriteGuard<'a> {
 impl MmapLock {
     /// `mmap_read_lock()` with the CPU's reader word; calls `on_block` each
     /// time it finds a writer and must wait.
+    /// A wait costs no virtual time (see [`crate::drive::vtime`]): the
+    /// guard excludes more than the kernel's lock does.
     #[inline]
     pub fn read<'a>(&'a self, reader: &'a AtomicU32, mut on_block: impl FnMut()) -> MmapReadGuard<'a> {
+        let mut waited = false;
         loop {
             reader.store(1, SeqCst);
             if !self.writer.load(SeqCst) {
+                if waited {
+                    crate::drive::vtime::host_wait_end();
+                }
                 return MmapReadGuard { lock: self, reader };
             }
             reader.store(0, SeqCst);
+            if !waited {
+                waited = true;
+                crate::drive::vtime::host_wait_begin();
+            }
             while self.writer.load(Relaxed) {
                 on_block();
                 crate::sync::yield_now();
@@ -71,8 +81,9 @@ impl MmapLock {
     /// `readers` is called after the announcement, so a CPU it misses
     /// registered later and will see the writer when it tries to read.
     /// `on_block` runs at each wait (a deterministic scheduler switches CPUs
-    /// there); returns the guard, the waits, and whether another writer held
-    /// the lock.
+    /// there; in virtual time the wait costs nothing, see [`Self::read`]);
+    /// returns the guard, the waits, and whether another writer held the
+    /// lock.
     pub fn write<'a, R>(
         &'a self,
         readers: impl FnOnce() -> Vec<R>,
@@ -80,6 +91,7 @@ impl MmapLock {
         mut on_block: impl FnMut(),
     ) -> (MmapWriteGuard<'a>, u64, bool) {
         let mut contended = false;
+        crate::drive::vtime::host_wait_begin();
         let writers = match self.wlock.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -106,9 +118,11 @@ impl MmapLock {
                 crate::sync::yield_now();
             }
         }
+        crate::drive::vtime::host_wait_end();
         // Every write section may change the tree: per-CPU lookup caches
         // keyed by `seq` must not trust what they hold.
         g.seq += 1;
+        g.take_write_locked();
         (g, waits, contended)
     }
 }

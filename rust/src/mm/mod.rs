@@ -413,9 +413,12 @@ impl MmInner {
     ) -> Result<T> {
         crate::drive::vtime::step(crate::drive::vtime::Step::Syscall);
         let mut g = self.mmap_write_lock(cpu);
+        crate::drive::vtime::mmap_write_lock();
         self.update_hiwater_rss();
         let r = f(self, &mut g, cpu);
         cpu.sync_pcp_gauge();
+        let (wlocked, nr) = g.take_write_locked();
+        crate::drive::vtime::mmap_write_unlock(&wlocked, nr);
         drop(g);
         r
     }

@@ -50,7 +50,7 @@ impl Mm {
             }
             if new_len < old_len {
                 // The tail is unmapped first, then the rest moves.
-                mm.do_vmi_munmap(t, cpu, old_addr + new_len, old_end);
+                mm.do_vmi_munmap(t, cpu, old_addr + new_len, old_end, false);
                 mm.move_vma(t, cpu, old_addr, old_addr + new_len, new_addr, new_len);
             } else {
                 mm.move_vma(t, cpu, old_addr, old_end, new_addr, new_len);
@@ -80,7 +80,7 @@ impl MmInner {
         let (old_end, new_end) = (addr + old_len, addr + new_len);
         if new_len <= old_len {
             if new_len < old_len {
-                self.do_vmi_munmap(t, cpu, new_end, old_end);
+                self.do_vmi_munmap(t, cpu, new_end, old_end, false);
             }
             return Ok(());
         }
@@ -109,7 +109,7 @@ impl MmInner {
     /// being `new_len >= e - s` bytes long (a move that also grows).
     fn move_vma(&self, t: &mut VmaTree, cpu: &mut Cpu, s: u64, e: u64, new_addr: u64, new_len: u64) {
         // MREMAP_FIXED: the target is unmapped first.
-        self.do_vmi_munmap(t, cpu, new_addr, new_addr + new_len);
+        self.do_vmi_munmap(t, cpu, new_addr, new_addr + new_len, false);
         // The moved part is split off its VMA (a PMD mapping cut there is
         // split first).
         self.vma_adjust_trans_huge(t, cpu, s, e);

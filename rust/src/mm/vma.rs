@@ -142,6 +142,14 @@ pub struct VmaTree {
     /// because they change under the mmap write lock with the tree.
     pub start_brk: Option<u64>,
     pub brk: u64,
+    /// The extents of the VMAs changed since the write lock was taken or
+    /// this list last taken: those a write section write-locks
+    /// (`vma_start_write`), for virtual time (the kernel marks the VMA
+    /// itself, with `vm_lock_seq`).
+    write_locked: Vec<(u64, u64)>,
+    /// Existing VMAs changed (split, merged, resized or detached) since
+    /// then: each costs a `vma_start_write` and a tree store.
+    vmas_written: u64,
 }
 
 /// `is_mergeable_vma()`, `is_mergeable_anon_vma()` and the `vm_pgoff`
@@ -175,6 +183,41 @@ pub fn advise_flags(advice: Advice, f: &mut VmFlags) {
 }
 
 impl VmaTree {
+    /// Inserts `v`, write-locking it and what it replaces.
+    fn put(&mut self, v: Arc<Vma>) {
+        self.write_locked.push((v.start, v.end));
+        if let Some(old) = self.map.insert(v.start, v) {
+            self.write_locked.push((old.start, old.end));
+            self.vmas_written += 1;
+        }
+    }
+
+    /// Removes the VMA starting at `start`, write-locking it.
+    fn take(&mut self, start: &u64) -> Option<Arc<Vma>> {
+        let v = self.map.remove(start);
+        if let Some(v) = &v {
+            self.write_locked.push((v.start, v.end));
+            self.vmas_written += 1;
+        }
+        v
+    }
+
+    /// The extents write-locked since the last call (overlapping ones
+    /// joined) and the number of existing VMAs changed, emptying both.
+    pub fn take_write_locked(&mut self) -> (Vec<(u64, u64)>, u64) {
+        let nr = std::mem::take(&mut self.vmas_written);
+        let mut v = std::mem::take(&mut self.write_locked);
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+        for (s, e) in v {
+            match out.last_mut() {
+                Some(l) if s < l.1 => l.1 = l.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        (out, nr)
+    }
+
     /// `find_vma()` restricted to VMAs containing `addr` (`vma_lookup`).
     #[inline]
     pub fn lookup(&self, addr: u64) -> Option<&Arc<Vma>> {
@@ -285,7 +328,7 @@ impl VmaTree {
         // The neighbours outside the range bound the page tables freed with
         // the replaced pieces (vms_gather_munmap_vmas: prev end, next start).
         let replaced = self.unreserve(start, end).map(|(s, e)| (s, e, self.prev_end(start), self.next_start(end)));
-        self.map.insert(start, Vma::new(start, end, flags, 0, start >> PAGE_SHIFT, orders(flags)));
+        self.put(Vma::new(start, end, flags, 0, start >> PAGE_SHIFT, orders(flags)));
         self.seq += 1;
         self.vma_merge(start, end);
         Ok(replaced)
@@ -295,7 +338,7 @@ impl VmaTree {
     /// `vma_iter_store`: what `do_brk_flags` does when it cannot expand).
     pub fn insert_vma(&mut self, start: u64, end: u64, flags: VmFlags, anon_vma: u64, pgoff: u64, orders: u32) {
         self.unreserve(start, end);
-        self.map.insert(start, Vma::new(start, end, flags, anon_vma, pgoff, orders));
+        self.put(Vma::new(start, end, flags, anon_vma, pgoff, orders));
         self.seq += 1;
     }
 
@@ -310,10 +353,10 @@ impl VmaTree {
     /// its flags and anon_vma (`vma_expand` / `vma_shrink`, and
     /// `expand_downwards`, which lowers `vm_start` and `vm_pgoff` together).
     pub fn resize_vma(&mut self, start: u64, new_start: u64, new_end: u64) {
-        let v = self.map.remove(&start).expect("a VMA starts there");
+        let v = self.take(&start).expect("a VMA starts there");
         self.unreserve(new_start, new_end);
         let pgoff = (v.pgoff + (new_start >> PAGE_SHIFT)).wrapping_sub(start >> PAGE_SHIFT);
-        self.map.insert(new_start, Vma::new(new_start, new_end, v.flags, v.anon_vma(), pgoff, v.orders));
+        self.put(Vma::new(new_start, new_end, v.flags, v.anon_vma(), pgoff, v.orders));
         self.seq += 1;
     }
 
@@ -346,9 +389,9 @@ impl VmaTree {
             return;
         }
         let av = v.anon_vma();
-        self.map.insert(v.start, Vma::new(v.start, addr, v.flags, av, v.pgoff, v.orders));
+        self.put(Vma::new(v.start, addr, v.flags, av, v.pgoff, v.orders));
         let pgoff = v.pgoff + ((addr - v.start) >> PAGE_SHIFT);
-        self.map.insert(addr, Vma::new(addr, v.end, v.flags, av, pgoff, v.orders));
+        self.put(Vma::new(addr, v.end, v.flags, av, pgoff, v.orders));
         self.seq += 1;
     }
 
@@ -359,7 +402,7 @@ impl VmaTree {
         self.split_vma(start);
         self.split_vma(end);
         let keys: Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
-        let out: Vec<_> = keys.iter().filter_map(|k| self.map.remove(k)).collect();
+        let out: Vec<_> = keys.iter().filter_map(|k| self.take(k)).collect();
         if !out.is_empty() {
             self.seq += 1;
         }
@@ -409,8 +452,8 @@ impl VmaTree {
             }
             self.split_vma(s);
             self.split_vma(e);
-            let v = self.map.remove(&s).expect("split");
-            self.map.insert(s, Vma::new(s, e, f, v.anon_vma(), v.pgoff, orders(f)));
+            let v = self.take(&s).expect("split");
+            self.put(Vma::new(s, e, f, v.anon_vma(), v.pgoff, orders(f)));
             self.seq += 1;
             self.vma_merge(s, e);
         }
@@ -425,9 +468,9 @@ impl VmaTree {
         if let Some(prev) = self.map.range(..start).next_back().map(|(_, v)| v.clone()) {
             let cur = self.map[&start].clone();
             if compatible(&prev, &cur) {
-                self.map.remove(&start);
+                self.take(&start);
                 let av = prev.anon_vma().max(cur.anon_vma());
-                self.map.insert(prev.start, Vma::new(prev.start, cur.end, cur.flags, av, prev.pgoff, cur.orders));
+                self.put(Vma::new(prev.start, cur.end, cur.flags, av, prev.pgoff, cur.orders));
                 start = prev.start;
                 self.seq += 1;
             }
@@ -436,9 +479,9 @@ impl VmaTree {
         if let Some(next) = self.map.get(&end).cloned() {
             let cur = self.map[&start].clone();
             if compatible(&cur, &next) {
-                self.map.remove(&end);
+                self.take(&end);
                 let av = cur.anon_vma().max(next.anon_vma());
-                self.map.insert(start, Vma::new(start, next.end, cur.flags, av, cur.pgoff, cur.orders));
+                self.put(Vma::new(start, next.end, cur.flags, av, cur.pgoff, cur.orders));
                 self.seq += 1;
             }
         }
