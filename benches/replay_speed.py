@@ -13,10 +13,10 @@ order: every line one order-0 fault) to DIR/seq.trace, and .zst (`zstd -3`)
 and .gz (`gzip -1`) copies of it, then, --reps times over, alternating:
 
 - `wc -l` of the file, and `cat FILE > /dev/null`;
-- `replay_speed read`: read(2) of the file 256 KiB at a time (the parser's
-  reads), no parsing;
+- `replay_speed read`: read(2) of the file 256 KiB at a time into a page
+  aligned buffer (the parser's reads), no parsing;
 - `replay_speed replay`: the core's streamed replay (`replay_stream`, the
-  trace read twice: once by `summarize`, once to run), without Python;
+  trace read once), without Python;
 - `anonfolio replay FILE --json`: the whole command, Python start-up
   included, on the plain file and on the .zst and .gz copies;
 - with --in-memory, once: the replay as it was before streaming (the text
