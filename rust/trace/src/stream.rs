@@ -378,7 +378,7 @@ impl<R: Read> TraceReader<R> {
     /// whole buffer doubles it.
     fn refill(&mut self) -> Result<()> {
         let tail = self.end - self.pos;
-        let to = if tail <= self.aligned { self.aligned - tail } else { 0 };
+        let to = self.aligned.saturating_sub(tail);
         if self.pos != to {
             self.buf.copy_within(self.pos..self.end, to);
             self.pos = to;
