@@ -3,7 +3,7 @@
 //! ```text
 //! replay_speed gen LINES OUT       # mmap of LINES pages, then one `w` a page in order
 //! replay_speed read FILE           # read(2) the file through, 256 KiB at a time, page aligned (no parsing)
-//! replay_speed parse FILE          # open (decompressing), parse, count: no simulation
+//! replay_speed parse FILE          # open (decompressing), parse in batches as the replay does, count: no simulation
 //! replay_speed replay FILE [--threads N] [--deterministic SEED]
 //! replay_speed in-memory FILE      # as before streaming: the text, then parse_prefix, then replay
 //! ```
@@ -111,13 +111,17 @@ fn main() {
             );
         }
         "parse" => {
+            // In batches, as the serial replay reads.
             let mut r = trace::TraceReader::new(open());
-            let mut ops = 0u64;
+            let (mut ops, mut batch) = (0u64, Vec::with_capacity(256));
             loop {
-                match r.next_op() {
-                    Ok(Some(_)) => ops += 1,
-                    Ok(None) => break,
-                    Err(e) => die(e.to_string()),
+                batch.clear();
+                if let Some(e) = r.read_batch(&mut batch, 256) {
+                    die(e.to_string());
+                }
+                ops += batch.len() as u64;
+                if batch.len() < 256 {
+                    break;
                 }
             }
             println!(
