@@ -13,10 +13,12 @@ order: every line one order-0 fault) to DIR/seq.trace, and .zst (`zstd -3`)
 and .gz (`gzip -1`) copies of it, then, --reps times over, alternating:
 
 - `wc -l` of the file, and `cat FILE > /dev/null`;
-- `replay_speed read`: read(2) of the file 256 KiB at a time (the parser's
-  reads), no parsing;
+- `replay_speed read`: read(2) of the file 256 KiB at a time into a page
+  aligned buffer (the parser's reads), no parsing;
+- `replay_speed parse`: those reads and the parser, in the replay's batches,
+  without simulating;
 - `replay_speed replay`: the core's streamed replay (`replay_stream`, the
-  trace read twice: once by `summarize`, once to run), without Python;
+  trace read once), without Python;
 - `anonfolio replay FILE --json`: the whole command, Python start-up
   included, on the plain file and on the .zst and .gz copies;
 - with --in-memory, once: the replay as it was before streaming (the text
@@ -115,6 +117,7 @@ def main():
         ("wc -l", lambda: run(["wc", "-l", plain])),
         ("cat > /dev/null", lambda: run(f"cat {plain} > /dev/null", shell=True)),
         ("read(2), 256 KiB", lambda: run([EXAMPLE, "read", plain])),
+        ("read and parse, no simulation (native)", lambda: run([EXAMPLE, "parse", plain])),
         ("core replay_stream (native)", lambda: run([EXAMPLE, "replay", plain])),
         ("anonfolio replay FILE --json", lambda: run([a.anonfolio, "replay", plain, "--json"])),
     ]

@@ -2,16 +2,18 @@
 //!
 //! ```text
 //! replay_speed gen LINES OUT       # mmap of LINES pages, then one `w` a page in order
-//! replay_speed read FILE           # read(2) the file through, 256 KiB at a time (no parsing)
-//! replay_speed parse FILE          # open (decompressing), parse, count: no simulation
+//! replay_speed read FILE           # read(2) the file through, 256 KiB at a time, page aligned (no parsing)
+//! replay_speed parse FILE          # open (decompressing), parse in batches as the replay does, count: no simulation
 //! replay_speed replay FILE [--threads N] [--deterministic SEED]
 //! replay_speed in-memory FILE      # as before streaming: the text, then parse_prefix, then replay
 //! ```
 //!
 //! Each prints one `key=value` line: `lines`, `bytes`, `wall_s` (the whole
-//! command after start-up: opening, both reads of the trace, simulating),
-//! `elapsed_s` (the simulator's own figure), and `hwm_kib` (the process's
-//! VmHWM, its peak resident memory).
+//! command after start-up: opening, reading the trace, simulating),
+//! `elapsed_s` (the simulator's own figure), `first_pass_s` (the
+//! in-memory replay's reading and parsing, or the threaded replay's first
+//! read; 0 for a serial streamed replay, which reads the trace once), and
+//! `hwm_kib` (the process's VmHWM, its peak resident memory).
 use anonfolio::{replay, replay_stream, summarize, trace, Config, Mm, RunOptions};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -89,10 +91,13 @@ fn main() {
         }
         "read" => {
             let mut f = std::fs::File::open(path).unwrap_or_else(|e| die(format!("{}: {e}", path.display())));
-            let mut buf = vec![0u8; trace::stream::READ_SIZE];
+            // Into a page-aligned buffer, as the parser reads.
+            let mut buf = vec![0u8; trace::stream::READ_SIZE + 4096];
+            let at = buf.as_ptr().align_offset(4096);
+            let buf = &mut buf[at..at + trace::stream::READ_SIZE];
             let mut bytes = 0u64;
             loop {
-                match f.read(&mut buf) {
+                match f.read(buf) {
                     Ok(0) => break,
                     Ok(n) => bytes += n as u64,
                     Err(e) => die(format!("{}: {e}", path.display())),
@@ -106,13 +111,17 @@ fn main() {
             );
         }
         "parse" => {
+            // In batches, as the serial replay reads.
             let mut r = trace::TraceReader::new(open());
-            let mut ops = 0u64;
+            let (mut ops, mut batch) = (0u64, Vec::with_capacity(256));
             loop {
-                match r.next_op() {
-                    Ok(Some(_)) => ops += 1,
-                    Ok(None) => break,
-                    Err(e) => die(e.to_string()),
+                batch.clear();
+                if let Some(e) = r.read_batch(&mut batch, 256) {
+                    die(e.to_string());
+                }
+                ops += batch.len() as u64;
+                if batch.len() < 256 {
+                    break;
                 }
             }
             println!(
@@ -128,9 +137,11 @@ fn main() {
             let mm = Mm::new(Config::default()).unwrap_or_else(|e| die(e.to_string()));
             let t1 = Instant::now();
             let (r, first_s) = if cmd == "replay" {
-                let summary = summarize(open());
+                // One read serially; a first one for the CPUs' count with threads.
+                let threaded = opts.threads > 1 || opts.deterministic.is_some();
+                let summary = threaded.then(|| summarize(open()));
                 let first_s = t1.elapsed().as_secs_f64();
-                (replay_stream(&mm, &summary, open(), &opts), first_s)
+                (replay_stream(&mm, summary.as_ref(), open(), &opts), first_s)
             } else {
                 let mut text = String::new();
                 open().read_to_string(&mut text).unwrap_or_else(|e| die(e.to_string()));

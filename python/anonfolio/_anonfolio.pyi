@@ -270,9 +270,9 @@ class Simulator:
         time: Optional[Mapping[str, float]] = None,
     ) -> RunDict:
         """Replays the trace file at ``path``, plain or compressed with zstd
-        or gzip (told by its first bytes), streamed: read twice through a
-        fixed buffer (first for the span of its mmaps and its threads, then
-        to run), never held whole, so memory does not grow with the trace.
+        or gzip (told by its first bytes), streamed through a fixed buffer,
+        read once (on several CPUs twice: first for how many threads it
+        has), never held whole, so memory does not grow with the trace.
         The same run, figures and errors as ``replay`` of the file's text;
         the file must not change while it runs.
 

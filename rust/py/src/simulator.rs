@@ -237,9 +237,9 @@ impl Simulator {
         self.result(py, r)
     }
 
-    /// Replays the trace file at `path` (plain, zstd or gzip), streamed: it
-    /// is read twice (once for what the replay needs first, once to run)
-    /// through a fixed buffer, never held whole.
+    /// Replays the trace file at `path` (plain, zstd or gzip), streamed
+    /// through a fixed buffer, never held whole: read once, or, on several
+    /// CPUs, twice (first for how many threads it has).
     #[pyo3(signature = (path, *, threads = 1, deterministic = None, check_invariants = None, time = None))]
     fn replay_file<'py>(
         &self,

@@ -286,7 +286,7 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
         return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
     }
     let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
-    if opts.threads > 1 || opts.deterministic.is_some() || opts.time.is_some() {
+    if runs_parallel(opts) {
         return run_parallel_ops(mm, ops.iter().map(|op| Ok(*op)), nthreads, opts);
     }
     // Serially, in file order; each trace thread still has its own CPU.
@@ -306,13 +306,12 @@ pub fn replay(mm: &Mm, ops: &[Op], opts: &RunOptions) -> RunResult {
     finish(mm, cpus, elapsed, done, error, opts.check_invariants)
 }
 
-/// What the replay of a streamed trace needs to know before it starts,
-/// found by a first read of it ([`summarize`]): what [`replay`] finds in
-/// the operations it is given. Not a kernel structure.
+/// What a streamed replay on several CPUs needs to know before it starts,
+/// found by a first read of the trace ([`summarize`]): how many CPUs the
+/// in-memory [`replay`] would run it on. A serial replay needs none (its
+/// CPUs come as their threads do). Not a kernel structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceSummary {
-    /// The reservation ([`trace_span`]) of the trace's operations.
-    pub span: Option<(u64, u64)>,
     /// One more than the highest `@T` thread.
     pub nthreads: usize,
     /// Operations before the end or the first bad line.
@@ -323,74 +322,163 @@ pub struct TraceSummary {
 /// `parse_prefix` would, holding one buffer: its [`TraceSummary`].
 pub fn summarize<R: Read>(src: R) -> TraceSummary {
     let mut r = TraceReader::new(src);
-    let (mut span, mut threads, mut ops) = ((u64::MAX, 0), 0u32, 0u64);
+    let (mut threads, mut ops) = (0u32, 0u64);
     while let Ok(Some(op)) = r.next_op() {
-        span = span_add(span, &op);
         threads = threads.max(op.thread);
         ops += 1;
     }
-    TraceSummary { span: span_reservation(span), nthreads: threads as usize + 1, ops }
+    TraceSummary { nthreads: threads as usize + 1, ops }
+}
+
+/// The PROT_NONE reservation a streamed trace runs in: all of user space,
+/// since the span of its lines ([`trace_span`]) is known only once it is
+/// read. Every figure comes out as inside the span's reservation: the
+/// lines that place VMAs (the VMA operations; a stack growing down stays
+/// joined to its VMA) lie at least 2 MiB inside both, and the reservation
+/// counts only through the pieces next to them, whose ends bound
+/// `free_pgtables()` (`prev_end`, `next_start`), and which the two share.
+/// An access outside every VMA is a SIGSEGV either way.
+pub const STREAM_RESERVATION: (u64, u64) = (0, TASK_SIZE);
+
+/// Whether a run goes through [`run_cpus`] rather than serially.
+fn runs_parallel(opts: &RunOptions) -> bool {
+    opts.threads > 1 || opts.deterministic.is_some() || opts.time.is_some()
 }
 
 /// Operations the serial streamed replay parses at a time, between two
 /// looks at the clock (`elapsed_s` counts simulating only, as in
 /// [`replay`]).
-const BATCH: usize = 1024;
+const BATCH: usize = 256;
 
 /// Replays a trace as it is read from `src`, holding a buffer of it (and,
 /// with threads, two [`Chunk`]s), never the whole: the same run as
-/// [`replay`] of `parse_prefix` of the same text, given the
-/// [`summarize`] of it (the figures of what ran before a bad line, and that
-/// line's error unless an operation failed first).
-pub fn replay_stream<R: Read + Send>(mm: &Mm, summary: &TraceSummary, src: R, opts: &RunOptions) -> RunResult {
-    if let Some(e) = reserve(mm, summary.span) {
-        return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
-    }
-    let nthreads = summary.nthreads.max(1);
+/// [`replay`] of `parse_prefix` of the same text (the figures of what ran
+/// before a bad line, and that line's error unless an operation failed
+/// first). Serially the trace is read once and `summary` is not needed; on
+/// several CPUs ([`RunOptions::threads`], `deterministic`, `time`) it must
+/// be the [`summarize`] of the same text, read before.
+pub fn replay_stream<R: Read + Send>(mm: &Mm, summary: Option<&TraceSummary>, src: R, opts: &RunOptions) -> RunResult {
     let mut reader = TraceReader::new(src);
-    if opts.threads > 1 || opts.deterministic.is_some() || opts.time.is_some() {
-        return run_parallel_ops(mm, &mut reader, nthreads, opts);
+    if !runs_parallel(opts) {
+        return replay_stream_serial(mm, &mut reader, opts);
     }
-    let mut cpus: Vec<Cpu> = (0..nthreads).map(|i| mm.cpu(i)).collect();
+    let Some(summary) = summary else {
+        let e = Error::Config("a streamed replay on several CPUs needs the trace's summary (summarize)".into());
+        return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
+    };
+    if summary.ops > 0 {
+        if let Some(e) = reserve(mm, Some(STREAM_RESERVATION)) {
+            return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
+        }
+    }
+    run_parallel_ops(mm, &mut reader, summary.nthreads.max(1), opts)
+}
+
+/// [`replay_stream`] on one host thread, in file order, reading the trace
+/// once: the reservation is taken before the first operation, each trace
+/// thread's CPU when its first line comes.
+fn replay_stream_serial<R: Read>(mm: &Mm, reader: &mut TraceReader<R>, opts: &RunOptions) -> RunResult {
+    let mut cpus: Vec<Cpu> = Vec::new();
     let mut batch = Vec::with_capacity(BATCH);
     let mut elapsed = Duration::ZERO;
     let mut done = 0u64;
     let mut error = None;
-    while error.is_none() {
+    let mut reserved = false;
+    loop {
         batch.clear();
         let parse_error = reader.read_batch(&mut batch, BATCH);
-        let t0 = Instant::now();
-        for op in &batch {
-            let t = op.thread as usize;
-            if t >= cpus.len() {
-                // Only if the file changed between the two reads.
-                cpus.extend((cpus.len()..=t).map(|i| mm.cpu(i)));
+        if !reserved && !batch.is_empty() {
+            // As [`replay`] reserves for any trace with an operation.
+            if let Some(e) = reserve(mm, Some(STREAM_RESERVATION)) {
+                return finish(mm, vec![mm.cpu(0)], 0.0, 0, Some(e), false);
             }
-            if let Err(e) = run_op(mm, &mut cpus[t], op) {
+            reserved = true;
+        }
+        let t0 = Instant::now();
+        let r = run_serial(mm, &mut cpus, &batch);
+        elapsed += t0.elapsed();
+        match r {
+            Ok(n) => done += n,
+            Err((n, e)) => {
+                done += n;
                 error = Some(e);
+                // [`replay`] has a CPU for every thread of the lines it
+                // parsed, up to the first bad one, whether they ran or not.
+                let mut nthreads = batch.iter().map(|op| op.thread as usize + 1).fold(cpus.len(), usize::max);
+                while let Ok(Some(op)) = reader.next_op() {
+                    nthreads = nthreads.max(op.thread as usize + 1);
+                }
+                cpus.extend((cpus.len()..nthreads).map(|i| mm.cpu(i)));
                 break;
             }
-            done += 1;
         }
-        elapsed += t0.elapsed();
-        if error.is_none() {
-            error = parse_error.map(Error::from);
+        if let Some(e) = parse_error {
+            error = Some(e.into());
+            break;
         }
         if batch.len() < BATCH {
             break;
         }
     }
+    if cpus.is_empty() {
+        cpus.push(mm.cpu(0));
+    }
     finish(mm, cpus, elapsed.as_secs_f64(), done, error, opts.check_invariants)
 }
 
+/// Runs `ops` in order, each on its thread's CPU (made when first needed),
+/// a run of one thread's accesses under one hold of its mmap read lock (as
+/// a fault loop, and the built-in workloads, hold it): the figures of
+/// [`run_op`] one at a time, without a locked store and fence per access.
+/// Only for a serial run: no other CPU takes the lock meanwhile, but one
+/// that asked would still get it between two accesses.
+fn run_serial(mm: &Mm, cpus: &mut Vec<Cpu>, ops: &[Op]) -> crate::drive::runner::JobResult {
+    let mut i = 0;
+    while i < ops.len() {
+        let thread = ops[i].thread;
+        let t = thread as usize;
+        if t >= cpus.len() {
+            cpus.extend((cpus.len()..=t).map(|i| mm.cpu(i)));
+        }
+        let cpu = &mut cpus[t];
+        if is_barrier(&ops[i]) {
+            run_op(mm, cpu, &ops[i]).map_err(|e| (i as u64, e))?;
+            i += 1;
+            continue;
+        }
+        let pc = cpu.percpu();
+        let mut g = mm.mmap_read_lock(&pc, cpu);
+        while let Some(op) = ops.get(i) {
+            let (addr, write) = match op.kind {
+                OpKind::Write { addr } if op.thread == thread => (addr, true),
+                OpKind::Read { addr } if op.thread == thread => (addr, false),
+                _ => break,
+            };
+            match mm.access_held(&pc, g, cpu, addr, write) {
+                Ok(held) => g = held,
+                Err(e) => {
+                    cpu.sync_pcp_gauge();
+                    return Err((i as u64, Error::AtLine(op.line, Box::new(e))));
+                }
+            }
+            i += 1;
+            g.yield_to_writer(|| cpu.preempt(Point::Blocked));
+        }
+        drop(g);
+        cpu.sync_pcp_gauge();
+    }
+    Ok(ops.len() as u64)
+}
+
 /// Replays the trace file at `path`, plain or compressed (zstd, gzip),
-/// streamed: read once by [`summarize`], then again by [`replay_stream`].
-/// The file must not change meanwhile. An error opening it is returned
-/// before anything runs; one reading it ends the run as a bad line does.
+/// streamed: read once by [`replay_stream`], or, on several CPUs, first by
+/// [`summarize`] and then again (the file must not change meanwhile). An
+/// error opening it is returned before anything runs; one reading it ends
+/// the run as a bad line does.
 pub fn replay_path(mm: &Mm, path: &Path, opts: &RunOptions) -> std::io::Result<RunResult> {
-    let summary = summarize(trace::open(path)?);
+    let summary = if runs_parallel(opts) { Some(summarize(trace::open(path)?)) } else { None };
     let src = trace::open(path)?;
-    Ok(replay_stream(mm, &summary, src, opts))
+    Ok(replay_stream(mm, summary.as_ref(), src, opts))
 }
 
 #[cfg(all(test, not(loom)))]
@@ -558,9 +646,10 @@ mod stream_tests {
         r
     }
 
+    /// As `replay_path` reads a file: once serially, twice on several CPUs.
     fn streamed(text: &[u8], opts: &RunOptions) -> RunResult {
-        let summary = summarize(text);
-        replay_stream(&mm(), &summary, text, opts)
+        let summary = runs_parallel(opts).then(|| summarize(text));
+        replay_stream(&mm(), summary.as_ref(), text, opts)
     }
 
     /// The figures two runs must share (`elapsed_s` aside).
@@ -591,7 +680,54 @@ mod stream_tests {
             let a = in_memory(&text, &serial);
             let b = streamed(text.as_bytes(), &serial);
             assert!(same(&a, &b), "{name}:\n{:?}\n{:?}", a.stats, b.stats);
-            assert_eq!(summarize(text.as_bytes()).span, trace_span(&parse(&text).unwrap()), "{name}");
+            let ops = parse(&text).unwrap();
+            let nthreads = ops.iter().map(|o| o.thread as usize + 1).max().unwrap_or(1);
+            assert_eq!(summarize(text.as_bytes()), TraceSummary { nthreads, ops: ops.len() as u64 }, "{name}");
+        }
+    }
+
+    /// The streamed replay runs in all of user space, the in-memory one in
+    /// the span of the lines it parsed: traces whose accesses lie far
+    /// outside their VMA operations (a stack growing 6 MiB down, a write
+    /// far above that fails), whose munmaps free page tables at the edges
+    /// of that span, whose bad line is followed by mmaps far away, or
+    /// whose later threads never run, must come out the same, serially and
+    /// under seeds.
+    #[test]
+    fn a_streamed_replay_outside_the_span_is_the_in_memory_replay() {
+        let b = 0x7f00_0000_0000u64;
+        let mut stack = format!("mmap {:#x} 0x10000 growsdown\n", b + (64 << 20));
+        for k in 1..=24u64 {
+            // Down to 6 MiB below the VMA, 256 KiB at a time.
+            stack += &format!("w {:#x}\n", b + (64 << 20) - k * (256 << 10));
+        }
+        stack += &format!("munmap {:#x} 0x10000\nw {:#x}\nr {:#x}\n", b + (64 << 20), b + (58 << 20), b + (59 << 20));
+        let edges = format!(
+            "mmap {b:#x} 0x600000\nw {b:#x}\nw {:#x}\nw {:#x}\nmunmap {b:#x} 0x200000\nmunmap {:#x} 0x200000\n\
+             w {:#x}\nw {:#x}\n",
+            b + 0x2ff000,
+            b + 0x5ff000,
+            b + 0x400000,
+            b + 0x300000,
+            b + (1 << 39)
+        );
+        let after_bad =
+            format!("mmap {b:#x} 0x200000\nw {b:#x}\nw 0xzz\nmmap {:#x} 0x1000\n@5 w {b:#x}\n", b - (1 << 40));
+        let later_threads =
+            format!("mmap {b:#x} 0x200000\n@1 w {b:#x}\nw {:#x}\n@3 w {b:#x}\n@2 r {b:#x}\n", b + (1 << 30));
+        let then_bad = format!("{later_threads}w 0xzz\n@7 w {b:#x}\n");
+        for t in [stack, edges, after_bad, later_threads, then_bad] {
+            let serial = RunOptions { threads: 1, check_invariants: true, ..Default::default() };
+            let a = in_memory(&t, &serial);
+            let b = streamed(t.as_bytes(), &serial);
+            assert!(same(&a, &b), "{t}:\n{a:?}\n{b:?}");
+            assert!(a.stats.faults() > 0, "{t}");
+            for seed in [1, 5] {
+                let opts =
+                    RunOptions { threads: 2, deterministic: Some(seed), check_invariants: true, ..Default::default() };
+                let (a, b) = (in_memory(&t, &opts), streamed(t.as_bytes(), &opts));
+                assert!(same(&a, &b), "{t} seed {seed}:\n{a:?}\n{b:?}");
+            }
         }
     }
 
@@ -730,13 +866,12 @@ mod stream_tests {
         c.memory.phys_bytes = (lines + 1024) * 4096;
         let mm = Mm::new(c).unwrap();
         let base = 0x7f00_0000_0000u64;
-        let summary =
-            TraceSummary { span: Some((base - PMD_SIZE, base + lines * 4096 + 2 * PMD_SIZE)), nthreads: 1, ops: lines };
+        let summary = TraceSummary { nthreads: 1, ops: lines };
         let mut cpu = mm.cpu(0);
         mm.mmap(&mut cpu, base, lines * 4096, Default::default()).unwrap();
         drop(cpu);
         let mut src = Watched { mm: &mm, next: 0, lines, handed_out: 0, ahead, most_ahead: 0, pending: Vec::new() };
-        let r = replay_stream(&mm, &summary, &mut src, opts);
+        let r = replay_stream(&mm, Some(&summary), &mut src, opts);
         assert!(r.error.is_none(), "{:?}", r.error);
         assert_eq!(r.ops_done, lines);
         assert_eq!(r.stats.rss_pages, lines);
@@ -749,7 +884,8 @@ mod stream_tests {
     /// threaded one more than a buffer and two chunks.
     #[test]
     fn a_streamed_replay_holds_a_buffer_never_the_trace() {
-        let buffer = crate::trace::stream::READ_SIZE as u64;
+        // A read and the part of a line before it.
+        let buffer = crate::trace::stream::READ_SIZE as u64 + LINE;
         let serial = RunOptions { threads: 1, ..Default::default() };
         let most = watched_replay(10_000_000, &serial, buffer + BATCH as u64 * LINE);
         assert!(most > buffer / 2, "the source was read as the replay went ({most})");

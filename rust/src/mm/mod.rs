@@ -303,15 +303,39 @@ impl Mm {
     pub fn access(&self, cpu: &mut Cpu, addr: u64, write: bool) -> Result<()> {
         let pc = cpu.percpu();
         let g = self.mmap_read_lock(&pc, cpu);
-        let mut r = self.access_locked(&g, cpu, addr, write);
-        drop(g);
-        if matches!(r, Err(Error::Segv(_))) && self.expand_stack(cpu, addr)? {
-            // The stack grew to cover `addr`: the fault proceeds (one fault).
-            let g = self.mmap_read_lock(&pc, cpu);
-            r = self.access_locked(&g, cpu, addr, write);
-        }
+        let r = self.access_held(&pc, g, cpu, addr, write).map(drop);
         cpu.sync_pcp_gauge();
         r
+    }
+
+    /// [`Mm::access`] by a CPU that already holds the mmap lock for read
+    /// (`g`, taken with its record `pc`), so that a run of one thread's
+    /// accesses takes the lock once, as a fault loop does: the same access,
+    /// the lock dropped and retaken only for a stack growth. Gives the
+    /// guard back, or drops it with an error. The caller syncs the per-CPU
+    /// page gauge ([`Cpu::sync_pcp_gauge`]) when it lets go of the lock.
+    #[inline(always)]
+    pub(crate) fn access_held<'a>(
+        &'a self,
+        pc: &'a PerCpu,
+        g: MmapReadGuard<'a>,
+        cpu: &mut Cpu,
+        addr: u64,
+        write: bool,
+    ) -> Result<MmapReadGuard<'a>> {
+        match self.access_locked(&g, cpu, addr, write) {
+            Ok(()) => Ok(g),
+            Err(Error::Segv(a)) => {
+                drop(g);
+                if !self.expand_stack(cpu, addr)? {
+                    return Err(Error::Segv(a));
+                }
+                // The stack grew to cover `addr`: the fault proceeds (one fault).
+                let g = self.mmap_read_lock(pc, cpu);
+                self.access_locked(&g, cpu, addr, write).map(|()| g)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// A snapshot of all figures, summed over CPUs. Reading changes nothing.
