@@ -347,3 +347,17 @@ def test_broken_pipe_is_quiet(tr):
         shell=True, capture_output=True, text=True, timeout=120,
     )
     assert "Traceback" not in p.stderr and "Error" not in p.stderr
+
+
+def test_a_replay_from_the_command_line_does_not_load_numpy() -> None:
+    # numpy's import and its BLAS threads cost a replay a few percent of its
+    # CPU time; only an array asked for from Python needs it.
+    code = (
+        "import sys, anonfolio.cli as c\n"
+        "c.main(['replay', '-', '--json'])\n"
+        "assert 'numpy' not in sys.modules, 'numpy was loaded'\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], input="mmap 0x10000000 0x10000\nw 0x10000000\n",
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert '"faults": 1' in p.stdout

@@ -321,7 +321,7 @@ class Simulator:
         """Every counter so far, summed over the simulated CPUs: ``faults``,
         ``rss_bytes``, ``elapsed_s`` (all replays/runs/touches), ``mthp``
         (sizes with a non-zero counter), ``vmstat``, ``locks``, ``races``,
-        ``fault_paths``, ``folio_orders`` (uint64 array by order), ``memory``."""
+        ``fault_paths``, ``folio_orders`` (a list by order), ``memory``."""
 
     def vmas(self) -> list[VmaDict]:
         """The VMAs, lowest first: dicts with ``start``, ``end``, ``hugepage``, ``nohugepage``, ``uffd_wp``,

@@ -17,10 +17,11 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, as_completed
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy is imported when an array is made, not at start-up
+    import numpy as np
+    import numpy.typing as npt
 
 from . import _anonfolio
 from .config import Config
@@ -177,6 +178,8 @@ class Simulator(_anonfolio.Simulator):
         of ints), in order, with the GIL released. Returns how many were
         done; on an error (e.g. SegmentationFault) the exception's ``index``
         says which address failed, and the accesses before it stand."""
+        import numpy as np
+
         if not isinstance(addrs, np.ndarray):
             return super().touch(addrs, write)
         if addrs.dtype != np.uint64:

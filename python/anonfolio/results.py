@@ -16,9 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional, TypedDict
 
-import numpy as np
-import numpy.typing as npt
-
 __all__ = [
     "MthpCounters",
     "VmstatCounters",
@@ -146,8 +143,9 @@ class StatsDict(TypedDict):
     locks: Locks
     races: RaceCounters
     fault_paths: FaultPaths
-    #: Folios mapped by faults, indexed by order.
-    folio_orders: npt.NDArray[np.uint64]
+    #: Folios mapped by faults, indexed by order (``Stats.folio_orders``
+    #: makes it a uint64 array).
+    folio_orders: list[int]
     memory: MemoryFigures
 
 

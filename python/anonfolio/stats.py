@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported when an array is asked for, not at start-up
+    import numpy as np
 
 from . import _anonfolio
 
@@ -28,6 +29,30 @@ __all__ = ["Stats", "Counters", "MthpTable", "LockTable", "format_bytes"]
 
 _MTHP_COUNTERS: tuple[str, ...] = tuple(_anonfolio.MTHP_COUNTERS)
 _NORDERS = _anonfolio.MAX_PAGE_ORDER
+
+
+class _FolioOrders:
+    """``folio_orders`` as the native module gave it, made a read-only
+    uint64 array (once) when asked for: numpy is not loaded for a run that
+    only prints its figures."""
+
+    __slots__ = ("_array", "values")
+
+    def __init__(self, values: Any):
+        self.values = [int(x) for x in values]
+        self._array: Optional[np.ndarray] = None
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            import numpy as np
+
+            a = np.asarray(self.values, dtype=np.uint64)
+            a.setflags(write=False)
+            self._array = a
+        return self._array
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FolioOrders) and self.values == other.values
 
 
 class _ReadOnlyView(Mapping[str, Any]):
@@ -41,7 +66,8 @@ class _ReadOnlyView(Mapping[str, Any]):
     _READ_ONLY = "read-only"
 
     def __getitem__(self, key: str) -> Any:
-        return self._d[key]
+        v = self._d[key]
+        return v.array() if isinstance(v, _FolioOrders) else v
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._d)
@@ -53,7 +79,7 @@ class _ReadOnlyView(Mapping[str, Any]):
         if name.startswith("_"):
             raise AttributeError(name)
         try:
-            return self._d[name]
+            return self[name]
         except KeyError:
             raise AttributeError(self._no_attr(name)) from None
 
@@ -155,9 +181,7 @@ class Stats(_ReadOnlyView):
             if key in d:
                 d[key] = Counters(d[key])
         if "folio_orders" in d:
-            fo = np.asarray(d["folio_orders"], dtype=np.uint64)
-            fo.setflags(write=False)
-            d["folio_orders"] = fo
+            d["folio_orders"] = _FolioOrders(d["folio_orders"])
         object.__setattr__(self, "_d", d)
         object.__setattr__(self, "params", dict(params or {}))
 
@@ -217,14 +241,18 @@ class Stats(_ReadOnlyView):
     @property
     def folio_orders(self) -> np.ndarray:
         """Folios mapped by faults, indexed by order (a read-only uint64 array)."""
+        import numpy as np
+
         fo = self._d.get("folio_orders")
-        return fo if fo is not None else np.zeros(_NORDERS, dtype=np.uint64)
+        return fo.array() if fo is not None else np.zeros(_NORDERS, dtype=np.uint64)
 
     def mthp_by_order(self, counter: str = "anon_fault_alloc") -> np.ndarray:
         """One ``hugepages-*/stats`` counter for every order, as a uint64 array
         indexed by order (orders without a folder are 0)."""
         if counter not in _MTHP_COUNTERS:
             raise KeyError(f"no mTHP counter {counter!r} (have: {', '.join(_MTHP_COUNTERS)})")
+        import numpy as np
+
         out = np.zeros(_NORDERS, dtype=np.uint64)
         for size, c in self.mthp.items():
             out[_anonfolio.parse_thp_size(size)] = c[counter]
@@ -237,9 +265,9 @@ class Stats(_ReadOnlyView):
         for k, v in self._d.items():
             if isinstance(v, (Counters, MthpTable)):
                 v = v.to_dict()
-            elif isinstance(v, np.ndarray):
-                v = [int(x) for x in v]
-            elif isinstance(v, np.generic):
+            elif isinstance(v, _FolioOrders):
+                v = list(v.values)
+            elif hasattr(v, "item") and hasattr(v, "dtype"):  # a numpy scalar
                 v = v.item()
             out[k] = v
         return out

@@ -4,7 +4,6 @@
 
 use anonfolio::config::{self, Enabled, Policy, SizeMode};
 use anonfolio::{Config, Stats, MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER};
-use numpy::PyArray1;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyMapping, PyString, PyTuple};
@@ -283,7 +282,7 @@ fn pairs_dict<'py>(py: Python<'py>, pairs: &[(&str, u64)]) -> PyResult<Bound<'py
 }
 
 /// Statistics as the JSON contract names them, plus extra keys: `races`,
-/// `fault_paths`, `folio_orders` (a numpy uint64 array by order), `memory`.
+/// `fault_paths`, `folio_orders` (a list by order), `memory`.
 pub fn stats_to_py<'py>(py: Python<'py>, s: &Stats, elapsed_s: f64) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("faults", s.faults())?;
@@ -307,7 +306,8 @@ pub fn stats_to_py<'py>(py: Python<'py>, s: &Stats, elapsed_s: f64) -> PyResult<
     d.set_item("locks", locks)?;
     d.set_item("races", pairs_dict(py, &s.race.pairs())?)?;
     d.set_item("fault_paths", pairs_dict(py, &s.fault.pairs())?)?;
-    d.set_item("folio_orders", PyArray1::from_slice(py, &s.folio_orders))?;
+    // A list, not a numpy array: a run that only prints needs no numpy.
+    d.set_item("folio_orders", s.folio_orders.to_vec())?;
     let m = &s.mem;
     let mem = pairs_dict(
         py,
