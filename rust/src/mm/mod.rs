@@ -391,13 +391,17 @@ impl MmInner {
     /// writer is a scheduling point.
     #[inline]
     pub fn mmap_read_lock<'a>(&'a self, pc: &'a PerCpu, cpu: &mut Cpu) -> MmapReadGuard<'a> {
-        debug_assert!(std::ptr::eq(pc, &**cpu.pc), "the reader word must be the CPU's own");
+        // The CPU's caches (VMA, PMD slot) and the writers' view of the
+        // readers rely on both: checked, not assumed.
+        assert!(std::ptr::eq(&*cpu.mm, self), "simulated CPU {} belongs to another mm", cpu.id);
+        assert!(std::ptr::eq(pc, &**cpu.pc), "the reader word must be the CPU's own");
         self.mmap_lock.read(&pc.reader, || cpu.preempt(Point::Blocked))
     }
 
     /// `mmap_write_lock()` for `cpu`, counted in its figures; waits for
     /// every live CPU's reader word.
     pub(crate) fn mmap_write_lock<'a>(&'a self, cpu: &mut Cpu) -> MmapWriteGuard<'a> {
+        assert!(std::ptr::eq(&*cpu.mm, self), "simulated CPU {} belongs to another mm", cpu.id);
         assert_eq!(
             cpu.pc.reader.load(Relaxed),
             0,
@@ -516,5 +520,31 @@ pub(crate) mod testing {
     /// The invariant checker must pass.
     pub fn check(mm: &Mm) {
         mm.check_invariants().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+
+    /// A CPU carries caches of its own mm (the last VMA found); used on
+    /// another mm they would point into the wrong tree, so the lock refuses.
+    #[test]
+    #[should_panic(expected = "belongs to another mm")]
+    fn a_cpu_of_one_mm_cannot_access_another() {
+        let (a, _ca) = mm();
+        let (b, mut cb) = mm();
+        b.mmap(&mut cb, B, 1 << 20, Default::default()).unwrap();
+        a.mmap(&mut cb, B, 1 << 20, Default::default()).unwrap();
+    }
+
+    #[test]
+    #[should_panic(expected = "belongs to another mm")]
+    fn a_cpu_of_one_mm_cannot_fault_in_another() {
+        let (a, mut ca) = mm();
+        let (b, mut cb) = mm();
+        a.mmap(&mut ca, B, 1 << 20, Default::default()).unwrap();
+        b.mmap(&mut cb, B, 1 << 20, Default::default()).unwrap();
+        let _ = a.access(&mut cb, B, true);
     }
 }
