@@ -79,7 +79,7 @@ impl MmInner {
             self.alloc.page(pfn + k).set_info(0);
         }
         folio.folio_set_count(1);
-        self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, true);
+        self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, PG_PMD_MAPPED);
         pmd.store(mk_huge_pmd(pfn), Release);
         crate::drive::vtime::step(crate::drive::vtime::Step::SetPte);
         let c = cpu.c();

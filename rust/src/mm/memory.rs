@@ -386,10 +386,9 @@ impl MmInner {
             }
             // One store for the allocation's reference and folio_ref_add(nr - 1).
             folio.folio_set_count(nr as u32);
-            self.folio_add_new_anon_rmap(cpu, folio, order, nr as u32, false);
-            if written == 0 {
-                folio.set_info(folio.info() | PG_NONZERO);
-            }
+            // The head's flags in the mapcount's store: a second write to
+            // its cache-missing struct page stalled the PTL's release.
+            self.folio_add_new_anon_rmap(cpu, folio, order, nr as u32, if written == 0 { PG_NONZERO } else { 0 });
             t.set_ptes(i, folio_mk_pte(pfn, order), nr);
             drop(g);
             let c = cpu.c();
@@ -419,7 +418,7 @@ impl MmInner {
         vtime::step(Step::TlbFlush); // ptep_clear_flush() of the zero page's entry
         let folio = self.alloc.page(pfn);
         folio.folio_set_count(1);
-        self.folio_add_new_anon_rmap(cpu, folio, 0, 1, false);
+        self.folio_add_new_anon_rmap(cpu, folio, 0, 1, 0);
         vtime::step(Step::SetPte); // set_pte_at()
         t.ptes[idx].store(folio_mk_pte(pfn, 0), Release);
         drop(g);

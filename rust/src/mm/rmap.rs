@@ -10,11 +10,13 @@ use crate::PMD_ORDER;
 
 impl MmInner {
     /// `folio_add_new_anon_rmap()`: a new folio of `order`, mapped by `nr`
-    /// PTEs, or by one PMD (`pmd_mapped`, `nr` = 512); counts `nr_anon`
-    /// for a large folio (`mod_mthp_stat(MTHP_STAT_NR_ANON, 1)`).
+    /// PTEs, or by one PMD (`flags` has `PG_PMD_MAPPED`, `nr` = 512);
+    /// counts `nr_anon` for a large folio (`mod_mthp_stat(MTHP_STAT_NR_ANON,
+    /// 1)`). `flags` are the head's page flags, set in the same store as
+    /// the mapcount (`PG_NONZERO` too when the fault's store lands on it).
     #[inline(always)]
-    pub(crate) fn folio_add_new_anon_rmap(&self, cpu: &Cpu, folio: &Page, order: usize, nr: u32, pmd_mapped: bool) {
-        folio.init_folio(order, if pmd_mapped { PG_PMD_MAPPED } else { 0 }, nr);
+    pub(crate) fn folio_add_new_anon_rmap(&self, cpu: &Cpu, folio: &Page, order: usize, nr: u32, flags: u32) {
+        folio.init_folio(order, flags, nr);
         // In virtual time also folio_add_lru_vma(), which every caller does next.
         crate::drive::vtime::rmap_and_lru_add(order > 0);
         if order > 0 {
