@@ -43,26 +43,50 @@ fn pcp_index(order: usize) -> usize {
 
 pub const NR_PCP_LISTS: usize = PAGE_ALLOC_COSTLY_ORDER + 2;
 
-/// The memory map: one [`Page`] per frame, backed lazily by the host.
-/// Under loom, whose atomics are not plain memory, a boxed slice.
-struct MemMap {
+/// What a [`FrameArray`] may hold. Outside loom: types for which all-zero
+/// bytes are a valid value, since the array is fresh anonymous memory that
+/// the host zero-fills as it is first touched. Under loom, whose atomics are
+/// not plain memory, anything with a default.
+#[cfg(not(loom))]
+/// # Safety
+/// Every all-zero bit pattern must be a valid `Self`.
+unsafe trait FrameElem {}
+#[cfg(loom)]
+trait FrameElem: Default {}
+
+// SAFETY: `Page` is two atomics (outside loom), and an all-zero atomic is a
+// valid atomic holding 0.
+#[cfg(not(loom))]
+unsafe impl FrameElem for Page {}
+#[cfg(loom)]
+impl FrameElem for Page {}
+// SAFETY: an all-zero `AtomicU64` is a valid one holding 0.
+#[cfg(not(loom))]
+unsafe impl FrameElem for AtomicU64 {}
+#[cfg(loom)]
+impl FrameElem for AtomicU64 {}
+
+/// A fixed array of `len` elements, backed lazily by the host (reserved,
+/// not committed: a 4 TiB machine's memory map costs nothing until its
+/// frames are used). The memory map and the written-frames bitmap.
+struct FrameArray<T: FrameElem> {
     #[cfg(not(loom))]
-    base: *mut Page,
+    base: *mut T,
     #[cfg(loom)]
-    pages: Box<[Page]>,
+    items: Box<[T]>,
     len: usize,
 }
 
-// SAFETY: the map is a fixed array of atomics owned by the allocator; the
-// raw pointer is its base, valid for `len` pages until drop.
-unsafe impl Send for MemMap {}
-// SAFETY: as above; every access goes through `Page`'s atomics.
-unsafe impl Sync for MemMap {}
+// SAFETY: the array is a fixed array of atomics owned by the allocator;
+// the raw pointer is its base, valid for `len` elements until drop.
+unsafe impl<T: FrameElem + Send> Send for FrameArray<T> {}
+// SAFETY: as above; every access goes through the elements' atomics.
+unsafe impl<T: FrameElem + Sync> Sync for FrameArray<T> {}
 
-impl MemMap {
+impl<T: FrameElem> FrameArray<T> {
     #[cfg(not(loom))]
-    fn new(len: usize) -> Result<MemMap> {
-        let bytes = len * std::mem::size_of::<Page>();
+    fn new(len: usize, what: &str) -> Result<FrameArray<T>> {
+        let bytes = len * std::mem::size_of::<T>();
         // SAFETY: mmap of fresh private anonymous memory has no
         // preconditions; the result is checked below.
         let p = unsafe {
@@ -79,50 +103,48 @@ impl MemMap {
         // erratic (compaction stalls) and slower at the median.
         if p == libc::MAP_FAILED {
             return Err(Error::Config(format!(
-                "cannot reserve a memory map for {len} simulated pages ({bytes} bytes of host address space)"
+                "cannot reserve {what} for {len} simulated pages ({bytes} bytes of host address space)"
             )));
         }
-        Ok(MemMap { base: p as *mut Page, len })
+        Ok(FrameArray { base: p as *mut T, len })
     }
 
     #[cfg(loom)]
-    fn new(len: usize) -> Result<MemMap> {
-        Ok(MemMap { pages: (0..len).map(|_| Page::default()).collect(), len })
+    fn new(len: usize, _what: &str) -> Result<FrameArray<T>> {
+        Ok(FrameArray { items: (0..len).map(|_| T::default()).collect(), len })
     }
 
     #[inline(always)]
-    fn get(&self, pfn: u64) -> &Page {
-        let i = pfn as usize;
-        assert!(i < self.len, "pfn {pfn:#x} is outside the memory map");
+    fn get(&self, i: usize) -> &T {
+        assert!(i < self.len, "pfn {i:#x} is outside the memory map");
         #[cfg(not(loom))]
-        // SAFETY: `i < len`, the map holds `len` pages, and zero-filled
-        // memory is a valid `Page` (two atomics, no invariant on their bits).
+        // SAFETY: `i < len`, the mapping holds `len` elements, and
+        // zero-filled memory is a valid `T` (`FrameElem`).
         return unsafe { &*self.base.add(i) };
         #[cfg(loom)]
-        return &self.pages[i];
+        return &self.items[i];
     }
 
-    /// The `nr` pages from `pfn` on: one bounds check for a whole folio.
+    /// The `nr` elements from `i` on: one bounds check for a whole folio.
     #[inline(always)]
-    fn range(&self, pfn: u64, nr: usize) -> &[Page] {
-        let i = pfn as usize;
-        assert!(i <= self.len && nr <= self.len - i, "pfns {pfn:#x}+{nr} are outside the memory map");
+    fn range(&self, i: usize, nr: usize) -> &[T] {
+        assert!(i <= self.len && nr <= self.len - i, "pfns {i:#x}+{nr} are outside the memory map");
         #[cfg(not(loom))]
-        // SAFETY: `i + nr <= len`, the map holds `len` contiguous pages, and
-        // zero-filled memory is a valid `Page`.
+        // SAFETY: `i + nr <= len`, the mapping holds `len` contiguous
+        // elements, and zero-filled memory is a valid `T`.
         return unsafe { std::slice::from_raw_parts(self.base.add(i), nr) };
         #[cfg(loom)]
-        return &self.pages[i..i + nr];
+        return &self.items[i..i + nr];
     }
 }
 
 #[cfg(not(loom))]
-impl Drop for MemMap {
+impl<T: FrameElem> Drop for FrameArray<T> {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`; no reference into it outlives
-        // the allocator that owns the map.
+        // the allocator that owns the array.
         unsafe {
-            libc::munmap(self.base as *mut libc::c_void, (self.len * std::mem::size_of::<Page>()).max(1));
+            libc::munmap(self.base as *mut libc::c_void, (self.len * std::mem::size_of::<T>()).max(1));
         }
     }
 }
@@ -152,7 +174,8 @@ pub struct AllocShared {
 }
 
 pub struct PageAlloc {
-    map: MemMap,
+    /// The memory map: one [`Page`] per frame.
+    map: FrameArray<Page>,
     /// `zone->lock` and the free lists, on cache lines of their own (no
     /// false sharing with `map`, which every fault reads).
     zone: CachePadded<SpinLock<Zone>>,
@@ -168,7 +191,7 @@ pub struct PageAlloc {
     /// in the cache, not each `struct page` (1024 interleaved CPUs missed
     /// the cache on most of those). Clear for every free frame. Not a
     /// kernel structure: the kernel reads the page's contents.
-    written: Vec<AtomicU64>,
+    written: FrameArray<AtomicU64>,
 }
 
 #[inline(always)]
@@ -203,7 +226,7 @@ impl PageAlloc {
             return Err(Error::Config(format!("fragmentation {fragmentation} is outside 0..1")));
         }
         Ok(PageAlloc {
-            map: MemMap::new(phys_pages as usize)?,
+            map: FrameArray::new(phys_pages as usize, "a memory map")?,
             frontier: AtomicU64::new(0),
             zone: CachePadded::new(SpinLock::new(Zone {
                 free: Default::default(),
@@ -214,7 +237,7 @@ impl PageAlloc {
             phys_pages,
             fragmentation,
             shared: AllocShared::default(),
-            written: std::iter::repeat_with(|| AtomicU64::new(0)).take(phys_pages.div_ceil(64) as usize).collect(),
+            written: FrameArray::new(phys_pages.div_ceil(64) as usize, "a bitmap of written frames")?,
         })
     }
 
@@ -226,14 +249,14 @@ impl PageAlloc {
     /// `pfn_to_page()`. Panics for a frame outside the memory map.
     #[inline(always)]
     pub fn page(&self, pfn: u64) -> &Page {
-        self.map.get(pfn)
+        self.map.get(pfn as usize)
     }
 
     /// The MMU's store into the page at `pfn` (see `written`): one load of
     /// a word, and an atomic or at the page's first store only.
     #[inline(always)]
     pub fn mark_written(&self, pfn: u64) {
-        let w = &self.written[(pfn >> 6) as usize];
+        let w = self.written.get((pfn >> 6) as usize);
         let bit = 1u64 << (pfn & 63);
         if w.load(Relaxed) & bit == 0 {
             w.fetch_or(bit, Relaxed);
@@ -243,7 +266,7 @@ impl PageAlloc {
     /// Whether a user store reached the page at `pfn` after its fault.
     #[inline(always)]
     pub fn written(&self, pfn: u64) -> bool {
-        self.written[(pfn >> 6) as usize].load(Relaxed) & (1 << (pfn & 63)) != 0
+        self.written.get((pfn >> 6) as usize).load(Relaxed) & (1 << (pfn & 63)) != 0
     }
 
     /// Clears the written bits of a block being freed. Whole words belong
@@ -254,13 +277,13 @@ impl PageAlloc {
     fn clear_written(&self, pfn: u64, order: usize) {
         let nr = 1u64 << order;
         if nr >= 64 {
-            for w in &self.written[(pfn >> 6) as usize..((pfn + nr) >> 6) as usize] {
+            for w in self.written.range((pfn >> 6) as usize, (nr >> 6) as usize) {
                 if w.load(Relaxed) != 0 {
                     w.store(0, Relaxed);
                 }
             }
         } else {
-            let w = &self.written[(pfn >> 6) as usize];
+            let w = self.written.get((pfn >> 6) as usize);
             let mask = ((1u64 << nr) - 1) << (pfn & 63);
             if w.load(Relaxed) & mask != 0 {
                 w.fetch_and(!mask, Relaxed);
@@ -271,7 +294,7 @@ impl PageAlloc {
     /// The `struct page`s of the `nr` frames from `pfn` (a folio's).
     #[inline(always)]
     pub fn folio_pages(&self, pfn: u64, nr: usize) -> &[Page] {
-        self.map.range(pfn, nr)
+        self.map.range(pfn as usize, nr)
     }
 
     /// `rmqueue()`: a block of `2^order` pages for a CPU, from its per-CPU
