@@ -7,6 +7,7 @@ zeroing spent on folios that lost their race and were freed."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import statistics
@@ -66,9 +67,8 @@ def race_policies_time(
                 log.flush()
     if out:
         os.makedirs(out, exist_ok=True)
-        keys = list(rows[0])
-        with open(os.path.join(out, "race_policies_time.csv"), "w", encoding="utf-8") as f:
-            f.write(",".join(keys) + "\n")
-            for r in rows:
-                f.write(",".join(str(r[k]) for k in keys) + "\n")
+        with open(os.path.join(out, "race_policies_time.csv"), "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
     return rows

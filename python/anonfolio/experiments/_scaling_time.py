@@ -5,6 +5,7 @@ where the time went: the locks waited for."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
@@ -57,9 +58,8 @@ def scaling_time(
             log.flush()
     if out:
         os.makedirs(out, exist_ok=True)
-        keys = list(rows[0])
-        with open(os.path.join(out, "scaling_time.csv"), "w", encoding="utf-8") as f:
-            f.write(",".join(keys) + "\n")
-            for r in rows:
-                f.write(",".join(str(r[k]) for k in keys) + "\n")
+        with open(os.path.join(out, "scaling_time.csv"), "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
     return rows
