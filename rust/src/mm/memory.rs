@@ -207,22 +207,20 @@ impl MmInner {
         }
     }
 
-    /// `handle_pte_fault()`.
+    /// `handle_pte_fault()`: no PTE table, or a none entry, is
+    /// `do_pte_missing()`, which for anonymous memory is `do_anonymous_page()`.
+    #[inline(always)]
     fn handle_pte_fault(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
         let v = pmd.load(Acquire);
-        if v == 0 {
-            return self.do_anonymous_page(cpu, vma, pmd, addr, write);
-        }
         if pmd_huge(v) {
             return Ok(Fault::NotMapped);
         }
         // SAFETY: a table PMD of this mm, loaded under the mmap read lock
         // the fault path holds (see `access_locked`).
-        let t = unsafe { PageTable::pte_table(v) };
-        let pte = t.get(pte_index(addr));
-        if pte_none(pte) {
+        let entry = (v != 0).then(|| unsafe { PageTable::pte_table(v) }).map(|t| (t, t.get(pte_index(addr))));
+        let Some((t, pte)) = entry.filter(|&(_, pte)| !pte_none(pte)) else {
             return self.do_anonymous_page(cpu, vma, pmd, addr, write);
-        }
+        };
         if write && !pte_write(pte) {
             return self.do_wp_page(cpu, vma, t, addr, pte);
         }
@@ -259,7 +257,7 @@ impl MmInner {
     }
 
     /// `folio_prealloc()`: an order-0 zeroed, charged folio, or OOM.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn folio_prealloc(&self, cpu: &mut Cpu) -> VmResult<u64> {
         let pfn = self.vma_alloc_folio(cpu, 0).ok_or(Oom)?;
         if !self.memcg.mem_cgroup_charge(&mut cpu.stock, 1) {
@@ -329,6 +327,7 @@ impl MmInner {
     }
 
     /// `do_anonymous_page()`.
+    #[inline]
     fn do_anonymous_page(&self, cpu: &mut Cpu, vma: &Vma, pmd: &AtomicU64, addr: u64, write: bool) -> VmResult<Fault> {
         if !self.pte_alloc(cpu, pmd)? {
             // A huge PMD appeared meanwhile: re-execute.

@@ -300,8 +300,8 @@ impl PageAlloc {
     /// `rmqueue()`: a block of `2^order` pages for a CPU, from its per-CPU
     /// list when the order has one (`rmqueue_pcplist`), else from the buddy
     /// lists under `zone->lock` (`rmqueue_buddy`). `None` when memory is
-    /// exhausted.
-    #[inline]
+    /// exhausted. Only the per-CPU pop is inline: it is every fault's.
+    #[inline(always)]
     pub fn rmqueue(&self, pcp: &mut PerCpuPages, order: usize, zl: &LockCounters) -> Option<u64> {
         if pcp_allowed_order(order) {
             let i = pcp_index(order);
@@ -310,50 +310,64 @@ impl PageAlloc {
                 pcp.count -= 1 << order;
                 return Some(pfn as u64);
             }
-            // rmqueue_bulk(): refill a batch under the zone lock.
-            let n = if order == 0 { PCP_BATCH << PCP_BATCH_SCALE_MAX } else { (PCP_BATCH >> order).max(2) };
-            let mut z = self.zone.lock(zl);
-            let list = &mut pcp.lists[i];
-            let mut got = 0u64;
-            while got < n {
-                if (order..=MAX_PAGE_ORDER).all(|o| z.free[o].is_empty()) && !self.carve(&mut z) {
-                    break;
-                }
-                // A whole free block that fits in the batch is split into
-                // `order` pieces at once: the same pages __rmqueue_smallest()
-                // would hand out one by one, without the intermediate lists.
-                if let Some(o) = (order + 1..=MAX_PAGE_ORDER)
-                    .find(|&o| !z.free[o].is_empty())
-                    .filter(|&o| z.free[order].is_empty() && (1u64 << (o - order)) <= n - got)
-                {
-                    let head = z.free[o].pop().expect("non-empty") as u64;
-                    self.page(head).set_info(0);
-                    z.nr_free -= 1 << o;
-                    // Ascending pfns come off the end of the list first.
-                    let step = 1u64 << order;
-                    list.extend((0..(1u64 << (o - order))).rev().map(|k| (head + k * step) as u32));
-                    got += 1 << (o - order);
-                    continue;
-                }
-                match self.__rmqueue_smallest(&mut z, order) {
-                    Some(pfn) => {
-                        list.push(pfn as u32);
-                        got += 1;
-                    }
-                    None => break,
-                }
-            }
-            pcp.count += got << order;
-            crate::drive::vtime::step_n(crate::drive::vtime::Step::RmqueueBulk, got);
-            drop(z);
-            let pfn = pcp.lists[i].pop()?;
-            pcp.count -= 1 << order;
-            Some(pfn as u64)
+            self.rmqueue_bulk(pcp, order, zl)
         } else {
-            let mut z = self.zone.lock(zl);
-            crate::drive::vtime::step(crate::drive::vtime::Step::RmqueueBuddy);
-            self.__rmqueue_smallest(&mut z, order)
+            self.rmqueue_buddy(order, zl)
         }
+    }
+
+    /// `rmqueue_bulk()`: refills the empty per-CPU list of `order` with a
+    /// batch under the zone lock, then takes one block from it.
+    #[inline(never)]
+    fn rmqueue_bulk(&self, pcp: &mut PerCpuPages, order: usize, zl: &LockCounters) -> Option<u64> {
+        let i = pcp_index(order);
+        let n = if order == 0 { PCP_BATCH << PCP_BATCH_SCALE_MAX } else { (PCP_BATCH >> order).max(2) };
+        let mut z = self.zone.lock(zl);
+        let list = &mut pcp.lists[i];
+        let mut got = 0u64;
+        while got < n {
+            if (order..=MAX_PAGE_ORDER).all(|o| z.free[o].is_empty()) && !self.carve(&mut z) {
+                break;
+            }
+            // A whole free block that fits in the batch is split into
+            // `order` pieces at once: the same pages __rmqueue_smallest()
+            // would hand out one by one, without the intermediate lists.
+            if let Some(o) = (order + 1..=MAX_PAGE_ORDER)
+                .find(|&o| !z.free[o].is_empty())
+                .filter(|&o| z.free[order].is_empty() && (1u64 << (o - order)) <= n - got)
+            {
+                let head = z.free[o].pop().expect("non-empty") as u64;
+                self.page(head).set_info(0);
+                z.nr_free -= 1 << o;
+                // Ascending pfns come off the end of the list first.
+                let step = 1u64 << order;
+                list.extend((0..(1u64 << (o - order))).rev().map(|k| (head + k * step) as u32));
+                got += 1 << (o - order);
+                continue;
+            }
+            match self.__rmqueue_smallest(&mut z, order) {
+                Some(pfn) => {
+                    list.push(pfn as u32);
+                    got += 1;
+                }
+                None => break,
+            }
+        }
+        pcp.count += got << order;
+        crate::drive::vtime::step_n(crate::drive::vtime::Step::RmqueueBulk, got);
+        drop(z);
+        let pfn = pcp.lists[i].pop()?;
+        pcp.count -= 1 << order;
+        Some(pfn as u64)
+    }
+
+    /// `rmqueue_buddy()`: an order without a per-CPU list, from the buddy
+    /// lists under `zone->lock`.
+    #[inline(never)]
+    fn rmqueue_buddy(&self, order: usize, zl: &LockCounters) -> Option<u64> {
+        let mut z = self.zone.lock(zl);
+        crate::drive::vtime::step(crate::drive::vtime::Step::RmqueueBuddy);
+        self.__rmqueue_smallest(&mut z, order)
     }
 
     /// `free_frozen_pages()`: frees a block, to the per-CPU list when its

@@ -171,6 +171,10 @@ impl PteTable {
     #[inline(always)]
     pub fn set_ptes(&self, i: usize, pte: u64, nr: usize) {
         crate::drive::vtime::step_n(crate::drive::vtime::Step::SetPte, nr as u64);
+        if nr == 1 {
+            self.ptes[i].store(pte, Release);
+            return;
+        }
         let step = if pte & PTE_ZERO != 0 { 0 } else { 1 << PTE_PFN_SHIFT };
         for (k, e) in self.ptes[i..i + nr].iter().enumerate() {
             e.store(pte + step * k as u64, Release);
