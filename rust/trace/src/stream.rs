@@ -177,12 +177,14 @@ fn hex16(b: &[u8; 16]) -> (u32, u64) {
         // their value minus 9: add 9 where alpha (the bytes' high bits
         // are cut off below).
         let nib = _mm_add_epi8(v, _mm_and_si128(alpha, set(9)));
-        // Each 16-bit lane holds digits 2j (low byte) and 2j + 1: make its
-        // low byte the pair's value, its high byte zero, then pack the 8
-        // bytes, in order.
-        let hi = _mm_and_si128(_mm_slli_epi16(nib, 4), _mm_set1_epi16(0xf0));
-        let lo = _mm_and_si128(_mm_srli_epi16(nib, 8), _mm_set1_epi16(0x0f));
-        let packed = _mm_packus_epi16(_mm_or_si128(hi, lo), _mm_setzero_si128());
+        // Each 16-bit lane holds digits 2j (low byte) and 2j + 1: put the
+        // pair's value in its high byte (the first digit's nibble shifted
+        // to the top, which clears the rest), move that down, then pack
+        // the 8 bytes, in order.
+        let first = _mm_slli_epi16(nib, 12);
+        let second = _mm_and_si128(nib, _mm_set1_epi16(0x0f00));
+        let pair = _mm_srli_epi16(_mm_or_si128(first, second), 8);
+        let packed = _mm_packus_epi16(pair, _mm_setzero_si128());
         (not_hex, (_mm_cvtsi128_si64(packed) as u64).swap_bytes())
     }
 }
