@@ -34,8 +34,9 @@ fn aligned_in(buf: &[u8]) -> usize {
 /// `TASK_SIZE`.
 #[inline(always)]
 fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
-    // The longest line this takes is 31 bytes, and it reads 8 bytes at a
-    // time: with 40 bytes there is no bounds check to fail on the way.
+    // The longest line this takes is 31 bytes, and it reads the 16 bytes
+    // after `0x` and one more: with 40 bytes there is no bounds check to
+    // fail on the way.
     if b.len() < 40 {
         return None;
     }
@@ -61,21 +62,16 @@ fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
         return None;
     };
     i += 4;
-    let start = i;
-    let mut addr = 0u64;
-    loop {
-        let w = u64::from_le_bytes(b[i..i + 8].try_into().ok()?);
-        let (value, n) = hex_prefix(w);
-        // n digits: shifting by 4 * 8 = 32 is fine on a u64.
-        addr = (addr << (4 * n)) | value;
-        i += n as usize;
-        if n < 8 || i - start > 16 {
-            break;
-        }
-    }
-    if i == start || i - start > 16 {
+    // i <= 13: the 18 bytes from i lie in the 40.
+    let (not_hex, value) = hex16(b[i..i + 16].try_into().unwrap());
+    // The digits: a 17th is no line end, which the match below rejects.
+    let n = (not_hex | 1 << 16).trailing_zeros() as usize;
+    if n == 0 {
         return None;
     }
+    // The first n nibbles are digits, the rest shifted out.
+    let addr = value >> (4 * (16 - n));
+    i += n;
     match b[i] {
         b'\n' => i += 1,
         b'\r' if b[i + 1] == b'\n' => i += 2,
@@ -88,30 +84,8 @@ fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
     Some((Op { thread, line: lineno as u32, kind }, i))
 }
 
-/// The hex digits that start the 8 bytes of `w` (little-endian: the first
-/// byte lowest): their value and how many there are (0-8), eight bytes at
-/// once (SWAR) rather than a byte and a branch at a time.
-#[inline(always)]
-fn hex_prefix(w: u64) -> (u64, u32) {
-    let ok = hex_digit_bits(w);
-    // Leading digits: the run of set high bits from the lowest byte.
-    let n = (!ok & HI).trailing_zeros() / 8;
-    let v = nibbles(w);
-    // Keep the first n digits (a non-digit byte gave a nibble of garbage).
-    let v = if n == 0 { 0 } else { v >> (4 * (8 - n)) };
-    (v, n.min(8))
-}
-
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
-
-/// The high bit of each byte of `w` that is an ASCII hex digit, the other
-/// bits clear.
-#[inline(always)]
-fn hex_digit_bits(w: u64) -> u64 {
-    let (digit, alpha) = hex_classes(w);
-    digit | alpha
-}
 
 /// The high bit of each byte of `w` that is `0`-`9`, and of each that is
 /// `a`-`f` or `A`-`F`, the other bits clear.
@@ -126,16 +100,6 @@ fn hex_classes(w: u64) -> (u64, u64) {
     let y = x | (LO * 0x20);
     let alpha = (y + LO * (0x80 - b'a' as u64)) & !(y + LO * (0x7f - b'f' as u64));
     (digit & ascii & HI, alpha & ascii & HI)
-}
-
-/// The 8 bytes of `w` read as hex digits, the first most significant: a
-/// 32-bit value (a byte that is not a digit gives a nibble of garbage,
-/// and only that nibble).
-#[inline(always)]
-fn nibbles(w: u64) -> u64 {
-    // '0'-'9' have bit 6 clear and their value in the low nibble;
-    // 'a'-'f' and 'A'-'F' have it set and the value minus 9 there.
-    gather(((w & (LO * 0x0f)) + ((w >> 6) & LO) * 9) & (LO * 0x0f))
 }
 
 /// The nibbles of the 8 bytes of `nib` (each below 16), the first most
@@ -155,7 +119,7 @@ fn gather(nib: u64) -> u64 {
 /// significant (a byte that is not a digit gives a nibble of garbage, its
 /// low four bits, and only that nibble). With SSE2, which every x86-64
 /// has: 16 bytes in some 25 instructions, against 60 for two words of
-/// [`hex_digit_bits`] and [`nibbles`].
+/// [`hex_classes`] and [`gather`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn hex16(b: &[u8; 16]) -> (u32, u64) {
@@ -189,7 +153,7 @@ fn hex16(b: &[u8; 16]) -> (u32, u64) {
     }
 }
 
-/// [`hex16`] without SSE2: two words of [`hex_digit_bits`] and [`nibbles`].
+/// [`hex16`] without SSE2: two words of [`hex_classes`] and [`gather`].
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
 fn hex16(b: &[u8; 16]) -> (u32, u64) {
@@ -858,36 +822,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hex_prefix_reads_the_leading_digits_of_a_word() {
-        for (s, v, n) in [
-            (*b"7f000000", 0x7f00_0000, 8),
-            (*b"abcdefAB", 0xabcd_efab, 8),
-            (*b"0123\n w ", 0x123, 4),
-            (*b"g1234567", 0, 0),
-            (*b"9:@`/GFf", 0x9, 1),
-            (*b"ff\xff00000", 0xff, 2),
-            (*b"1\x80\x80\x80\x80\x80\x80\x80", 1, 1),
-        ] {
-            assert_eq!(hex_prefix(u64::from_le_bytes(s)), (v, n), "{s:?}");
-        }
-        // Every byte value in every position, against char::to_digit.
-        for pos in 0..8 {
-            for c in 0..=255u8 {
-                let mut w = *b"00000000";
-                w[pos] = c;
-                let digit = c.is_ascii_hexdigit();
-                let (_, n) = hex_prefix(u64::from_le_bytes(w));
-                assert_eq!(n, if digit { 8 } else { pos as u32 }, "{c:#x} at {pos}");
-            }
-        }
-    }
-
-    /// Long runs of lines of one shape, `w` and `r` mixed, switching
-    /// shape now and then, longer than a batch and than the slots reserved
-    /// at a time, with lines straddling every buffer end: each line parses
-    /// as the text parser says, and a bad line anywhere in a run stops it
-    /// with the text parser's error naming that line.
     #[test]
     fn a_bad_line_in_a_run_of_one_shape_fails_on_its_own_number() {
         let line = |k: usize| {
