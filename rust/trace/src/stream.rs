@@ -11,6 +11,7 @@
 
 use crate::{parse_line, Error, Op, OpKind, Result, TASK_SIZE};
 use std::io::{ErrorKind, Read};
+use std::mem::MaybeUninit;
 
 /// Bytes the reader asks its source for at a time; also the buffer's size
 /// unless a single line is longer.
@@ -33,8 +34,9 @@ fn aligned_in(buf: &[u8]) -> usize {
 /// `TASK_SIZE`.
 #[inline(always)]
 fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
-    // The longest line this takes is 31 bytes, and it reads 8 bytes at a
-    // time: with 40 bytes there is no bounds check to fail on the way.
+    // The longest line this takes is 31 bytes, and it reads the 16 bytes
+    // after `0x` and one more: with 40 bytes there is no bounds check to
+    // fail on the way.
     if b.len() < 40 {
         return None;
     }
@@ -60,21 +62,16 @@ fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
         return None;
     };
     i += 4;
-    let start = i;
-    let mut addr = 0u64;
-    loop {
-        let w = u64::from_le_bytes(b[i..i + 8].try_into().ok()?);
-        let (value, n) = hex_prefix(w);
-        // n digits: shifting by 4 * 8 = 32 is fine on a u64.
-        addr = (addr << (4 * n)) | value;
-        i += n as usize;
-        if n < 8 || i - start > 16 {
-            break;
-        }
-    }
-    if i == start || i - start > 16 {
+    // i <= 13: the 18 bytes from i lie in the 40.
+    let (not_hex, value) = hex16(b[i..i + 16].try_into().unwrap());
+    // The digits: a 17th is no line end, which the match below rejects.
+    let n = (not_hex | 1 << 16).trailing_zeros() as usize;
+    if n == 0 {
         return None;
     }
+    // The first n nibbles are digits, the rest shifted out.
+    let addr = value >> (4 * (16 - n));
+    i += n;
     match b[i] {
         b'\n' => i += 1,
         b'\r' if b[i + 1] == b'\n' => i += 2,
@@ -87,27 +84,13 @@ fn fast_access(b: &[u8], lineno: u64) -> Option<(Op, usize)> {
     Some((Op { thread, line: lineno as u32, kind }, i))
 }
 
-/// The hex digits that start the 8 bytes of `w` (little-endian: the first
-/// byte lowest): their value and how many there are (0-8), eight bytes at
-/// once (SWAR) rather than a byte and a branch at a time.
-#[inline(always)]
-fn hex_prefix(w: u64) -> (u64, u32) {
-    let ok = hex_digit_bits(w);
-    // Leading digits: the run of set high bits from the lowest byte.
-    let n = (!ok & HI).trailing_zeros() / 8;
-    let v = nibbles(w);
-    // Keep the first n digits (a non-digit byte gave a nibble of garbage).
-    let v = if n == 0 { 0 } else { v >> (4 * (8 - n)) };
-    (v, n.min(8))
-}
-
 const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
-/// The high bit of each byte of `w` that is an ASCII hex digit, the other
-/// bits clear.
+/// The high bit of each byte of `w` that is `0`-`9`, and of each that is
+/// `a`-`f` or `A`-`F`, the other bits clear.
 #[inline(always)]
-fn hex_digit_bits(w: u64) -> u64 {
+fn hex_classes(w: u64) -> (u64, u64) {
     // Per byte (below 0x80, so that no sum carries into the next byte):
     // the high bit of `b + (0x80 - lo)` says b >= lo, of `b + (0x7f - hi)`
     // that b > hi.
@@ -116,17 +99,13 @@ fn hex_digit_bits(w: u64) -> u64 {
     let digit = (x + LO * (0x80 - b'0' as u64)) & !(x + LO * (0x7f - b'9' as u64));
     let y = x | (LO * 0x20);
     let alpha = (y + LO * (0x80 - b'a' as u64)) & !(y + LO * (0x7f - b'f' as u64));
-    (digit | alpha) & ascii & HI
+    (digit & ascii & HI, alpha & ascii & HI)
 }
 
-/// The 8 bytes of `w` read as hex digits, the first most significant: a
-/// 32-bit value (a byte that is not a digit gives a nibble of garbage,
-/// and only that nibble).
+/// The nibbles of the 8 bytes of `nib` (each below 16), the first most
+/// significant.
 #[inline(always)]
-fn nibbles(w: u64) -> u64 {
-    // '0'-'9' have bit 6 clear and their value in the low nibble;
-    // 'a'-'f' and 'A'-'F' have it set and the value minus 9 there.
-    let nib = ((w & (LO * 0x0f)) + ((w >> 6) & LO) * 9) & (LO * 0x0f);
+fn gather(nib: u64) -> u64 {
     // Byte k holds digit k; gather them, the first most significant.
     let v = nib.swap_bytes();
     let v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
@@ -135,11 +114,12 @@ fn nibbles(w: u64) -> u64 {
 }
 
 /// The 16 bytes of `b` read as hex digits: a mask with bit k set if byte k
-/// is one, and the value of all 16 read as digits, the first most
-/// significant (a byte that is not a digit gives a nibble of garbage, and
-/// only that nibble). With SSE2, which every x86-64 has: 16 bytes in some 20
-/// instructions, against 60 for two words of [`hex_digit_bits`] and
-/// [`nibbles`].
+/// is not one (so that a line's check is one test against the bits it
+/// needs), and the value of all 16 read as digits, the first most
+/// significant (a byte that is not a digit gives a nibble of garbage, its
+/// low four bits, and only that nibble). With SSE2, which every x86-64
+/// has: 16 bytes in some 25 instructions, against 60 for two words of
+/// [`hex_classes`] and [`gather`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn hex16(b: &[u8; 16]) -> (u32, u64) {
@@ -150,26 +130,30 @@ fn hex16(b: &[u8; 16]) -> (u32, u64) {
     unsafe {
         let v = _mm_loadu_si128(b.as_ptr().cast::<__m128i>());
         let set = |c: u8| _mm_set1_epi8(c as i8);
-        // Signed compares: a byte from 0x80 up is negative, no digit.
-        let digit = _mm_and_si128(_mm_cmpgt_epi8(v, set(b'0' - 1)), _mm_cmplt_epi8(v, set(b'9' + 1)));
-        let l = _mm_or_si128(v, set(0x20));
-        let alpha = _mm_and_si128(_mm_cmpgt_epi8(l, set(b'a' - 1)), _mm_cmplt_epi8(l, set(b'f' + 1)));
-        let mask = _mm_movemask_epi8(_mm_or_si128(digit, alpha)) as u32;
-        // As in `nibbles`: the low nibble, plus 9 if bit 6 is set (the
-        // 16-bit shifts move no set bit across a byte here).
-        let bit6 = _mm_and_si128(_mm_srli_epi16(v, 6), set(1));
-        let nib = _mm_add_epi8(_mm_and_si128(v, set(0x0f)), _mm_add_epi8(_mm_slli_epi16(bit6, 3), bit6));
-        // A byte that is no digit may exceed 15: keep it to its nibble.
-        let nib = _mm_and_si128(nib, set(0x0f));
-        // Each 16-bit lane holds digits 2j (low byte) and 2j + 1: make its
-        // low byte the pair's value, then pack the 8 bytes, in order.
-        let pair = _mm_and_si128(_mm_or_si128(_mm_slli_epi16(nib, 4), _mm_srli_epi16(nib, 8)), _mm_set1_epi16(0xff));
-        let packed = _mm_packus_epi16(pair, pair);
-        (mask, (_mm_cvtsi128_si64(packed) as u64).swap_bytes())
+        // `lo <= b < lo + n` is `b - lo < n` unsigned, which is `b - lo +
+        // 0x80 < n + 0x80` signed (the only compare SSE2 has): one add and
+        // one compare a range.
+        let below = |x: __m128i, lo: u8, n: u8| _mm_cmplt_epi8(_mm_add_epi8(x, set(0x80 - lo)), set(0x80 + n));
+        let digit = below(v, b'0', 10);
+        let alpha = below(_mm_or_si128(v, set(0x20)), b'a', 6);
+        let not_hex = !_mm_movemask_epi8(_mm_or_si128(digit, alpha)) as u32 & 0xffff;
+        // '0'-'9' have their value in the low nibble, 'a'-'f' and 'A'-'F'
+        // their value minus 9: add 9 where alpha (the bytes' high bits
+        // are cut off below).
+        let nib = _mm_add_epi8(v, _mm_and_si128(alpha, set(9)));
+        // Each 16-bit lane holds digits 2j (low byte) and 2j + 1: put the
+        // pair's value in its high byte (the first digit's nibble shifted
+        // to the top, which clears the rest), move that down, then pack
+        // the 8 bytes, in order.
+        let first = _mm_slli_epi16(nib, 12);
+        let second = _mm_and_si128(nib, _mm_set1_epi16(0x0f00));
+        let pair = _mm_srli_epi16(_mm_or_si128(first, second), 8);
+        let packed = _mm_packus_epi16(pair, _mm_setzero_si128());
+        (not_hex, (_mm_cvtsi128_si64(packed) as u64).swap_bytes())
     }
 }
 
-/// [`hex16`] without SSE2: two words of [`hex_digit_bits`] and [`nibbles`].
+/// [`hex16`] without SSE2: two words of [`hex_classes`] and [`gather`].
 #[cfg(not(target_arch = "x86_64"))]
 #[inline(always)]
 fn hex16(b: &[u8; 16]) -> (u32, u64) {
@@ -183,19 +167,28 @@ fn hex16_swar(b: &[u8; 16]) -> (u32, u64) {
     let w0 = u64::from_le_bytes(b[..8].try_into().unwrap());
     let w1 = u64::from_le_bytes(b[8..].try_into().unwrap());
     // The high bit of each byte, gathered into the top byte by a multiply.
-    let bits = |w: u64| ((hex_digit_bits(w) >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32;
-    (bits(w0) | (bits(w1) << 8), (nibbles(w0) << 32) | nibbles(w1))
+    let bits = |h: u64| ((h >> 7).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32;
+    // As `hex16` does: the low nibble, plus 9 where a letter.
+    let word = |w: u64| {
+        let (digit, alpha) = hex_classes(w);
+        (bits(digit | alpha), gather(((w & (LO * 0x0f)) + (alpha >> 7) * 9) & (LO * 0x0f)))
+    };
+    let ((m0, v0), (m1, v1)) = (word(w0), word(w1));
+    (!(m0 | (m1 << 8)) & 0xffff, (v0 << 32) | v1)
 }
 
 /// The shape of a plain access line, `w 0x` or `r 0x`, `digits` hex digits
 /// (1-16) and `\n`: what the lines of a recorded trace mostly share with
 /// the line before them. Not a format notion: a guess that lets
-/// [`same_shape`] know a line's length before it reads its bytes.
+/// [`same_shape_run`] know a line's length before it reads its bytes.
 #[derive(Clone, Copy)]
 struct Shape {
     digits: usize,
     /// The [`hex16`] mask bits of the bytes that must be digits.
     need: u32,
+    /// The highest [`hex16`] value (before its shift to `digits`) whose
+    /// address is below `TASK_SIZE`.
+    below_task: u64,
 }
 
 impl Shape {
@@ -206,34 +199,78 @@ impl Shape {
         if !plain || !(1..=16).contains(&digits) {
             return None;
         }
-        Some(Shape { digits, need: (1u32 << digits) - 1 })
+        // The digits are the top 4 * digits bits of the value: the address
+        // is below 2^47 if the value is below 2^(47 + 64 - 4 * digits).
+        let below_task = 1u64.checked_shl((111 - 4 * digits) as u32).map_or(u64::MAX, |b| b - 1);
+        Some(Shape { digits, need: (1u32 << digits) - 1, below_task })
     }
 }
 
-/// [`fast_access`] of a line of the shape `s`, or `None` for any other
-/// line (which [`fast_access`] then decides). The line's length is known
-/// before its bytes are looked at, so the next line's parse need not wait
-/// for this one's: the checks only decide a branch, which holds line after
-/// line. Reads 24 bytes.
-#[inline(always)]
-fn same_shape(b: &[u8], s: Shape, lineno: u64) -> Option<(Op, usize)> {
-    let b: &[u8; 24] = b.get(..24)?.try_into().ok()?;
-    let head = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    let (mask, value) = hex16(b[4..20].try_into().unwrap());
-    let write = head == u32::from_le_bytes(*b"w 0x");
-    let access = write || head == u32::from_le_bytes(*b"r 0x");
-    // digits <= 16: byte 4 + digits is at most byte 20.
-    if !access || mask & s.need != s.need || b[4 + s.digits] != b'\n' {
-        return None;
+/// The lines of the shape `s` at the start of `b`, parsed as
+/// [`fast_access`] would into the slots of `out` in order, the first
+/// numbered `lineno`: how many, up to the first line that is not of that
+/// shape (which [`fast_access`] then decides), `out`'s length, or the
+/// last line whose bytes lie whole in `b`. The lines' lengths are known
+/// before their bytes are looked at, so one bounds check covers the run,
+/// and the next line's parse need not wait for this one's: the checks
+/// only decide a branch, which holds line after line. Reads 20 bytes of
+/// each line (21 for 16 digits).
+#[inline(never)]
+fn same_shape_run(b: &[u8], s: Shape, lineno: u64, out: &mut [MaybeUninit<Op>]) -> usize {
+    let len = s.digits + 5;
+    // Bytes read from a line's start: the head and 16 bytes of digits,
+    // and the line end (byte 4 + digits, below `len`).
+    let reach = len.max(20);
+    let fit = match b.len().checked_sub(reach) {
+        Some(spare) => spare / len + 1,
+        None => 0,
+    };
+    let n = fit.min(out.len());
+    debug_assert!(n == 0 || (n - 1) * len + reach <= b.len(), "a run of {n} lines of {len} bytes in {}", b.len());
+    let shift = 4 * (16 - s.digits) as u32;
+    const W: u32 = u32::from_le_bytes(*b"w 0x");
+    const R: u32 = u32::from_le_bytes(*b"r 0x");
+    // Line `line - first` of the run starts at `p`.
+    let (mut p, first) = (b.as_ptr(), lineno as u32);
+    let mut line = first;
+    for slot in &mut out[..n] {
+        // SAFETY: `p` is `b`'s start plus j * len for line j < n <= fit,
+        // and j * len + reach <= (fit - 1) * len + reach <= b.len(): the
+        // line's first `reach` bytes lie in `b`, and this reads no other
+        // (bytes 0-3, 4-19, and len - 1, which is below reach).
+        let (head, digits, end) = unsafe {
+            // The line end is the byte before the next line.
+            (p.cast::<u32>().read_unaligned(), &*p.add(4).cast::<[u8; 16]>(), *p.add(len - 1))
+        };
+        let (not_hex, value) = hex16(digits);
+        let write = head == W;
+        if !write {
+            // Tested second, out of the way: a first touch of a sequence
+            // is all `w` (an `r` line costs one instruction more).
+            unlikely();
+            if head != R {
+                return line.wrapping_sub(first) as usize;
+            }
+        }
+        if not_hex & s.need != 0 || end != b'\n' || value > s.below_task {
+            return line.wrapping_sub(first) as usize;
+        }
+        // The first `digits` nibbles are digits, the rest shifted out.
+        let addr = value >> shift;
+        let kind = if write { OpKind::Write { addr } } else { OpKind::Read { addr } };
+        slot.write(Op { thread: 0, line, kind });
+        p = p.wrapping_add(len);
+        line = line.wrapping_add(1);
     }
-    // The first `digits` nibbles are digits, the rest shifted out.
-    let addr = value >> (4 * (16 - s.digits));
-    if addr >= TASK_SIZE {
-        return None;
-    }
-    let kind = if write { OpKind::Write { addr } } else { OpKind::Read { addr } };
-    Some((Op { thread: 0, line: lineno as u32, kind }, s.digits + 5))
+    n
 }
+
+/// Marks the branch that calls it as the rare one, for the code's layout.
+#[cold]
+fn unlikely() {}
+
+/// The most slots [`TraceReader::read_batch`] reserves at a time.
+const RUN: usize = 4096;
 
 /// What the next line at the start of a buffer is.
 enum Step {
@@ -467,15 +504,25 @@ impl<R: Read> TraceReader<R> {
                 let b = &self.buf[self.pos..self.end];
                 let (mut at, mut lineno, mut shape) = (0, self.lineno, self.shape);
                 while out.len() < want {
-                    let line = &b[at..];
-                    let (op, n) = match shape.and_then(|s| same_shape(line, s, lineno + 1)) {
-                        Some(found) => found,
-                        None => {
-                            let Some((op, n)) = fast_access(line, lineno + 1) else { break };
-                            shape = Shape::of(&line[..n]);
-                            (op, n)
+                    if let Some(s) = shape {
+                        // Room for the rest of the batch, RUN lines at a
+                        // time (`max` may be far more than a trace has).
+                        let left = (want - out.len()).min(RUN);
+                        out.reserve(left);
+                        let slots = &mut out.spare_capacity_mut()[..left];
+                        let n = same_shape_run(&b[at..], s, lineno + 1, slots);
+                        // SAFETY: `same_shape_run` wrote the first n of
+                        // the spare slots, which follow `out`'s elements.
+                        unsafe { out.set_len(out.len() + n) };
+                        at += n * (s.digits + 5);
+                        lineno += n as u64;
+                        if n == left {
+                            continue;
                         }
-                    };
+                    }
+                    let line = &b[at..];
+                    let Some((op, n)) = fast_access(line, lineno + 1) else { break };
+                    shape = Shape::of(&line[..n]);
                     out.push(op);
                     at += n;
                     lineno += 1;
@@ -743,11 +790,11 @@ mod tests {
     #[test]
     fn hex16_reads_sixteen_bytes_as_the_plain_code_does() {
         let check = |b: [u8; 16]| {
-            let (mask, value) = hex16(&b);
-            assert_eq!((mask, value), hex16_swar(&b), "{b:?}");
-            let n = mask.trailing_ones() as usize;
+            let (not_hex, value) = hex16(&b);
+            assert_eq!((not_hex, value), hex16_swar(&b), "{b:?}");
+            let n = (not_hex | 1 << 16).trailing_zeros() as usize;
             for (k, c) in b.iter().enumerate() {
-                assert_eq!(mask >> k & 1 == 1, c.is_ascii_hexdigit(), "{b:?} byte {k}");
+                assert_eq!(not_hex >> k & 1 == 0, c.is_ascii_hexdigit(), "{b:?} byte {k}");
             }
             if n > 0 {
                 let want = b[..n].iter().fold(0u64, |v, c| v << 4 | (*c as char).to_digit(16).unwrap() as u64);
@@ -776,26 +823,84 @@ mod tests {
     }
 
     #[test]
-    fn hex_prefix_reads_the_leading_digits_of_a_word() {
-        for (s, v, n) in [
-            (*b"7f000000", 0x7f00_0000, 8),
-            (*b"abcdefAB", 0xabcd_efab, 8),
-            (*b"0123\n w ", 0x123, 4),
-            (*b"g1234567", 0, 0),
-            (*b"9:@`/GFf", 0x9, 1),
-            (*b"ff\xff00000", 0xff, 2),
-            (*b"1\x80\x80\x80\x80\x80\x80\x80", 1, 1),
-        ] {
-            assert_eq!(hex_prefix(u64::from_le_bytes(s)), (v, n), "{s:?}");
+    fn a_bad_line_in_a_run_of_one_shape_fails_on_its_own_number() {
+        let line = |k: usize| {
+            let rw = if k.is_multiple_of(3) { 'r' } else { 'w' };
+            // 12 digits mostly, a stretch of 9 and one of 16 (the longest).
+            match k {
+                2000..=2300 => format!("{rw} 0x{:09x}", 0x1000 * k),
+                4000..=4100 => format!("{rw} 0x{:016x}", 0x1000 * k),
+                _ => format!("{rw} 0x{:x}", 0x7f00_0000_0000 + 0x1000 * k),
+            }
+        };
+        let n = 2 * RUN + 100;
+        let lines: Vec<String> = (1..=n).map(line).collect();
+        let text = lines.join("\n") + "\n";
+        let (ops, err) = by_lines(&text);
+        assert_eq!((ops.len(), err), (n, None));
+        assert_eq!(batched(text.as_bytes(), 1 << 20, 3 * RUN), (ops.clone(), None));
+        assert_eq!(batched(text.as_bytes(), 4093, 256), (ops, None));
+        // Deep in a run of 12 digits, at the first and last line of a
+        // batch of 256, in the runs of 9 and 16 digits.
+        for at in [700, 256, 257, 512, 2150, 4050, RUN + 1] {
+            let good = &lines[at - 1];
+            let mut bad = vec![
+                good.replacen("0x", "0X", 1),
+                good.replacen(' ', "  ", 1),
+                format!("{good}\r"),
+                format!("{good}g"),
+                format!("x{}", &good[1..]),
+                format!("{}z{}", &good[..6], &good[7..]),
+                // Past the end of user space, with the line's digit count.
+                format!("w 0x{:0w$x}", TASK_SIZE, w = good.len() - 4),
+            ];
+            // And lines that parse, which a run must take as the text
+            // parser does: capitals, the last user address.
+            bad.push(good.to_uppercase().replacen("0X", "0x", 1).replacen('W', "w", 1).replacen('R', "r", 1));
+            bad.push(format!("r 0x{:0w$x}", TASK_SIZE - 1, w = good.len() - 4));
+            for b in bad {
+                let mut l = lines.clone();
+                l[at - 1] = b.clone();
+                let text = l.join("\n") + "\n";
+                let want = by_lines(&text);
+                match &want.1 {
+                    Some(Error::Parse(m) | Error::InvalidRange(m)) => {
+                        assert!(m.starts_with(&format!("line {at}:")), "{b:?}: {m}");
+                        assert_eq!(want.0.len(), at - 1, "{b:?}");
+                    }
+                    None => assert_eq!(want.0.len(), n, "{b:?}"),
+                }
+                for (chunk, max) in [(1 << 20, 256), (1 << 20, 3 * RUN), (4093, 256), (7, 1000)] {
+                    assert_eq!(batched(text.as_bytes(), chunk, max), want, "{b:?} at line {at}, reads of {chunk}");
+                }
+                assert_eq!(parse_prefix(&text), want, "{b:?} at line {at}");
+            }
         }
-        // Every byte value in every position, against char::to_digit.
-        for pos in 0..8 {
-            for c in 0..=255u8 {
-                let mut w = *b"00000000";
-                w[pos] = c;
-                let digit = c.is_ascii_hexdigit();
-                let (_, n) = hex_prefix(u64::from_le_bytes(w));
-                assert_eq!(n, if digit { 8 } else { pos as u32 }, "{c:#x} at {pos}");
+    }
+
+    /// In a run of lines of each digit count 1-16, the highest address of
+    /// user space and the lowest above it, of that digit count: the run's
+    /// check on the digits' value must cut where the text parser does.
+    #[test]
+    fn a_run_cuts_at_the_end_of_user_space_for_every_digit_count() {
+        for d in 1..=16usize {
+            let run = |from: u64| {
+                (from..from + 40).map(|k| format!("w 0x{:0d$x}\n", k % (1u64 << (4 * d.min(11))))).collect::<String>()
+            };
+            let mut edges = vec![format!("r 0x{:0d$x}\n", (1u64 << (4 * d.min(12))) - 1)];
+            if d >= 12 {
+                edges.push(format!("r 0x{:0d$x}\n", TASK_SIZE - 1));
+                edges.push(format!("w 0x{:0d$x}\n", TASK_SIZE));
+                edges.push(format!("w 0x{:0d$x}\n", TASK_SIZE + 0x1000));
+            }
+            for e in edges {
+                let text = format!("{}{e}{}", run(1), run(100));
+                assert_same(&text);
+                if d >= 12 && e.starts_with('w') {
+                    let (ops, err) = by_lines(&text);
+                    assert_eq!(ops.len(), 40, "{e:?}");
+                    assert!(matches!(err, Some(Error::Parse(m)) if m.starts_with("line 41:")), "{e:?}");
+                }
             }
         }
     }
