@@ -215,11 +215,18 @@ impl MmInner {
         if pmd_huge(v) {
             return Ok(Fault::NotMapped);
         }
-        // SAFETY: a table PMD of this mm, loaded under the mmap read lock
-        // the fault path holds (see `access_locked`).
-        let entry = (v != 0).then(|| unsafe { PageTable::pte_table(v) }).map(|t| (t, t.get(pte_index(addr))));
-        let Some((t, pte)) = entry.filter(|&(_, pte)| !pte_none(pte)) else {
-            return self.do_anonymous_page(cpu, vma, pmd, addr, write);
+        // vmf->pte and vmf->orig_pte: no entry without a table.
+        let entry = if v == 0 {
+            None
+        } else {
+            // SAFETY: a table PMD of this mm, loaded under the mmap read
+            // lock the fault path holds (see `access_locked`).
+            let t = unsafe { PageTable::pte_table(v) };
+            Some((t, t.get(pte_index(addr))))
+        };
+        let (t, pte) = match entry {
+            Some((t, pte)) if !pte_none(pte) => (t, pte),
+            _ => return self.do_anonymous_page(cpu, vma, pmd, addr, write),
         };
         if write && !pte_write(pte) {
             return self.do_wp_page(cpu, vma, t, addr, pte);
