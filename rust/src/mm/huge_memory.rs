@@ -10,6 +10,7 @@ use crate::mm::{Cpu, MmInner, Point};
 use crate::sync::AtomicU64;
 use crate::{PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
 
 #[inline(always)]
 pub(crate) fn align_down(a: u64, size: u64) -> u64 {
@@ -241,19 +242,28 @@ impl MmInner {
     /// `deferred_split_folio` counts `split_deferred` once, as measured on
     /// 6.18; a folio split straight from its PMD mapping is not.
     ///
-    /// Returns false, splitting nothing, if some page is mapped elsewhere
-    /// than at `va` (a folio cut by a move): the model has no rmap walk to
-    /// find it. The caller holds the mmap lock for write, which excludes
-    /// faults, and no PTL.
-    pub(crate) fn split_folio(&self, cpu: &mut Cpu, head: u64, va: u64, unmap_counts_deferred: bool) -> bool {
+    /// A page mapped elsewhere than at `va` (mremap moved part of the
+    /// folio away) is found as `rmap_walk_anon()` finds it: its index
+    /// (`folio->index + k`, the linear index of `va + k * PAGE_SIZE` in
+    /// `vma`, which a move keeps in `vm_pgoff`) in each VMA of the same
+    /// anon_vma. Returns false, splitting nothing, if some mapped page is
+    /// still not found. The caller holds the mmap lock for write, which
+    /// excludes faults, and no PTL.
+    pub(crate) fn split_folio(
+        &self,
+        cpu: &mut Cpu,
+        t: &VmaTree,
+        head: u64,
+        va: u64,
+        unmap_counts_deferred: bool,
+    ) -> bool {
         let folio = self.alloc.page(head);
         let info = folio.info();
         let order = folio.order();
         let nr = 1u64 << order;
         debug_assert!(order > 0 && info & PG_PMD_MAPPED == 0);
-        // The PTE of each page, if it maps that page.
-        let slot = |k: u64| -> Option<&AtomicU64> {
-            let a = va.wrapping_add(k * PAGE_SIZE);
+        // The PTE at `a`, if it maps page `k`.
+        let pte_at = |a: u64, k: u64| -> Option<&AtomicU64> {
             let pmd = self.pt.pmd_offset(a)?;
             let v = pmd.load(Acquire);
             if v == 0 || pmd_huge(v) {
@@ -265,9 +275,32 @@ impl MmInner {
             let pte = e.load(Acquire);
             (pte != 0 && pte & PTE_ZERO == 0 && pte_pfn(pte) == head + k && pte_order(pte) == order).then_some(e)
         };
-        let found = (0..nr).filter(|&k| slot(k).is_some()).count() as u32;
+        // The PTE of each page, if one maps it: at `va` unless moved.
+        let mut slots: Vec<Option<&AtomicU64>> = (0..nr).map(|k| pte_at(va.wrapping_add(k * PAGE_SIZE), k)).collect();
+        let mut found = slots.iter().filter(|s| s.is_some()).count() as u32;
         if found != folio.mapcount() {
-            return false;
+            // rmap_walk_anon(): the VMA that maps a page at its place in
+            // `va` gives the folio's index; a moved page lies in a VMA of
+            // the same anon_vma whose vm_pgoff range holds its index.
+            let Some(home) = (0..nr).find(|&k| slots[k as usize].is_some()).and_then(|k| t.lookup(va + k * PAGE_SIZE))
+            else {
+                return false;
+            };
+            let index = home.pgoff.wrapping_add((va >> PAGE_SHIFT).wrapping_sub(home.start >> PAGE_SHIFT));
+            let av = home.anon_vma();
+            for w in t.iter().filter(|w| w.anon_vma() == av && !Arc::ptr_eq(w, home)) {
+                let (lo, hi) = (index.max(w.pgoff), (index + nr).min(w.pgoff + w.pages()));
+                for i in lo..hi {
+                    let k = i - index;
+                    if slots[k as usize].is_none() {
+                        slots[k as usize] = pte_at(w.start + ((i - w.pgoff) << PAGE_SHIFT), k);
+                        found += slots[k as usize].is_some() as u32;
+                    }
+                }
+            }
+            if found != folio.mapcount() {
+                return false;
+            }
         }
         let c = cpu.c();
         if unmap_counts_deferred && info & PG_PARTIALLY_MAPPED == 0 {
@@ -286,7 +319,7 @@ impl MmInner {
         }
         for k in 0..nr {
             let page = self.alloc.page(head + k);
-            match slot(k) {
+            match slots[k as usize] {
                 Some(e) => {
                     let pte = e.load(Acquire);
                     if !page.nonzero() && !self.alloc.written(head + k) {
