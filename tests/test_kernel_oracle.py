@@ -283,6 +283,14 @@ def test_kernel_replay_reports_what_the_kernel_refuses_with_the_line():
         kernel_replay("mmap 0x400000 0x4000\nmremap 0x500000 0x1000 0x600000 0x1000\n")
     with pytest.raises(anonfolio.RangeError, match="line 3: brk refused by the kernel"):
         kernel_replay("mmap 0x400000 0x1000\nbrk 0x3fe000\nbrk 0x400000\n")
+    # A shrinking brk with no VMA left below the break (mremap moved the
+    # heap away) fails on the kernel; the simulator refuses the same line.
+    moved_heap = ("brk 0x7f0000000000\nbrk 0x7f0000040000\n"
+                  "mremap 0x7f0000000000 0x40000 0x7f0000400000 0x40000\nbrk 0x7f0000020000\n")
+    with pytest.raises(anonfolio.RangeError, match="line 4: brk refused by the kernel"):
+        kernel_replay(moved_heap)
+    with pytest.raises(anonfolio.RangeError, match="line 4: brk"):
+        anonfolio.replay(moved_heap)
     # A program's layout: the heap right above the bss (ASLR off), a stack
     # at the top of user space that grows by a page.
     run = kernel_replay("mmap 0x555555554000 0x4000 nohugepage\nbrk 0x555555558000\nbrk 0x555555561000\n"
