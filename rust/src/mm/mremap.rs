@@ -124,6 +124,11 @@ impl MmInner {
         let pgoff = if v.anon_vma() == 0 { new_addr >> PAGE_SHIFT } else { v.pgoff };
         self.move_page_tables(cpu, s, new_addr, e - s);
         t.insert_and_merge(new_addr, new_addr + new_len, v.flags, v.anon_vma(), pgoff, v.orders);
+        // mremap_userfaultfd_prep(): a userfaultfd without
+        // UFFD_FEATURE_EVENT_REMAP (the kernel oracle's asks for no
+        // features) is dropped from the new VMA once the move is done, so
+        // its faults get large folios again.
+        t.userfaultfd_reset_ctx(new_addr);
         // The old range's page tables go as an munmap's would.
         if let Some((a, b)) = extent {
             self.free_pgtables(a, b, t.prev_end(a), t.next_start(b));
@@ -222,6 +227,25 @@ mod tests {
         touch(&mm, &mut cpu, m + 256 * K, 60 * K, true);
         let s = mm.stats();
         assert_eq!((s.faults(), s.mthp[2].anon_fault_alloc, s.folio_orders[0]), (10, 3, 3));
+        check(&mm);
+    }
+
+    /// A userfaultfd-WP VMA moved by mremap leaves its userfaultfd (no
+    /// UFFD_FEATURE_EVENT_REMAP): its faults get 64K folios again. One
+    /// grown in place stays registered: order 0.
+    #[test]
+    fn a_moved_uffd_wp_vma_is_no_longer_armed() {
+        let (mm, mut cpu) = mm();
+        let uffd = crate::trace::MmapFlags { uffd_wp: true, ..hg() };
+        mm.mmap(&mut cpu, B, 64 * K, uffd).unwrap();
+        mm.mremap(&mut cpu, B, 64 * K, B, 128 * K).unwrap();
+        touch(&mm, &mut cpu, B + 64 * K, 16 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (4, 0), "grown in place: still armed");
+        let n = B + (4 << 20);
+        mm.mremap(&mut cpu, B, 128 * K, n, 256 * K).unwrap();
+        assert!(!mm.vmas()[0].uffd_wp);
+        touch(&mm, &mut cpu, n + 128 * K, 64 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (5, 1));
         check(&mm);
     }
 
