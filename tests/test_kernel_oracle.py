@@ -279,6 +279,14 @@ def test_kernel_replay_reports_what_the_kernel_refuses_with_the_line():
     with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*SIGSEGV") as e:
         kernel_replay(stack)
     assert e.value.address == 0x7F000007F000
+    # With the huge zero page off, a read of a read-only advised VMA maps a
+    # THP read-only: a write to it is SIGSEGV, on the kernel as in the simulator.
+    ro_thp = "mmap 0x7f0000000000 0x200000 hugepage prot=r\nr 0x7f0000000000\nw 0x7f0000001000\n"
+    no_zero = anonfolio.Config(use_zero_page=False, hugepages={"2048kB": "inherit"})
+    with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*read-only"):
+        kernel_replay(ro_thp, no_zero)
+    with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*read-only"):
+        anonfolio.Simulator(no_zero).replay(ro_thp)
     with pytest.raises(anonfolio.RangeError, match="line 2: mremap refused by the kernel: EFAULT"):
         kernel_replay("mmap 0x400000 0x4000\nmremap 0x500000 0x1000 0x600000 0x1000\n")
     with pytest.raises(anonfolio.RangeError, match="line 3: brk refused by the kernel"):

@@ -73,7 +73,9 @@ impl MmInner {
     /// `map_anon_folio_pmd_pf()`: the caller holds `page_table_lock`.
     /// The PTE table deposited beside the PMD (`pgtable_trans_huge_deposit`)
     /// is charged to the memcg (one page, as measured) by the caller.
-    fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64) {
+    /// `maybe_pmd_mkwrite()`: writable only in a VM_WRITE VMA (a read fault
+    /// of a read-only VMA gets a THP when the huge zero page is off).
+    fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64, vm_write: bool) {
         let folio = self.alloc.page(pfn);
         // folio_zero_user(): the new folio holds zeroes.
         for k in 1..512 {
@@ -81,7 +83,7 @@ impl MmInner {
         }
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, PG_PMD_MAPPED);
-        pmd.store(mk_huge_pmd(pfn), Release);
+        pmd.store(mk_huge_pmd(pfn) | if vm_write { 0 } else { PMD_RDONLY }, Release);
         crate::drive::vtime::step(crate::drive::vtime::Step::SetPte);
         let c = cpu.c();
         c.rss.add(512);
@@ -121,7 +123,7 @@ impl MmInner {
             cpu.c().fault.huge_zero_page.inc();
             return Ok(Some(Fault::Mapped));
         }
-        let r = self.map_new_pmd_folio(cpu, pmd, 0);
+        let r = self.map_new_pmd_folio(cpu, pmd, 0, vma.flags.write);
         if r == Some(Fault::Mapped) {
             cpu.c().fault.pmd_thp.inc();
         }
@@ -132,7 +134,7 @@ impl MmInner {
     /// `expected` under `page_table_lock`, else drops it (a lost race): the
     /// part `do_huge_pmd_anonymous_page` and `do_huge_zero_wp_pmd` share
     /// (not a kernel function). `None` is VM_FAULT_FALLBACK.
-    fn map_new_pmd_folio(&self, cpu: &mut Cpu, pmd: &AtomicU64, expected: u64) -> Option<Fault> {
+    fn map_new_pmd_folio(&self, cpu: &mut Cpu, pmd: &AtomicU64, expected: u64, vm_write: bool) -> Option<Fault> {
         let pfn = self.vma_alloc_anon_folio_pmd(cpu)?;
         cpu.preempt(Point::AfterAlloc);
         let g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
@@ -141,7 +143,7 @@ impl MmInner {
             self.waste_folio(cpu, pfn, PMD_ORDER);
             return Some(Fault::NotMapped);
         }
-        self.map_anon_folio_pmd_pf(cpu, pmd, pfn);
+        self.map_anon_folio_pmd_pf(cpu, pmd, pfn, vm_write);
         if expected == 0 {
             // A new PMD deposits a PTE table (charged); a huge zero PMD
             // replaced keeps the one it had.
@@ -153,7 +155,8 @@ impl MmInner {
     /// `do_huge_zero_wp_pmd()`: a write to the huge zero page gets a THP.
     /// `None` is VM_FAULT_FALLBACK (split the PMD, then the PTE path).
     pub(crate) fn do_huge_zero_wp_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64) -> Option<Fault> {
-        let r = self.map_new_pmd_folio(cpu, pmd, HUGE_ZERO_PMD);
+        // A write fault: access_error() let it through, so VM_WRITE.
+        let r = self.map_new_pmd_folio(cpu, pmd, HUGE_ZERO_PMD, true);
         if r == Some(Fault::Mapped) {
             cpu.c().fault.huge_zero_wp.inc();
         }
