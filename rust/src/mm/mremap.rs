@@ -113,6 +113,7 @@ impl MmInner {
         // The moved part is split off its VMA (a PMD mapping cut there is
         // split first).
         self.vma_adjust_trans_huge(t, cpu, s, e);
+        let orig = t.lookup(s).cloned().expect("the moved range is mapped");
         t.split_vma(s);
         t.split_vma(e);
         let (gone, extent) = t.munmap(s, e);
@@ -128,7 +129,24 @@ impl MmInner {
         // UFFD_FEATURE_EVENT_REMAP (the kernel oracle's asks for no
         // features) is dropped from the new VMA once the move is done, so
         // its faults get large folios again.
-        t.userfaultfd_reset_ctx(new_addr);
+        if v.flags.uffd_wp {
+            t.userfaultfd_reset_ctx(new_addr);
+            // copy_vma() runs before the source range is unmapped: an
+            // unfaulted source VMA the new range touches, its page offsets
+            // continuing, is merged into the new VMA ("vma_merge with
+            // self"), so the reset covers what is left of it too.
+            let with_self = orig.anon_vma() == 0
+                && ((orig.end == new_addr && orig.pgoff + orig.pages() == new_addr >> PAGE_SHIFT)
+                    || (orig.start == new_addr + new_len && (new_addr + new_len) >> PAGE_SHIFT == orig.pgoff));
+            if with_self {
+                if orig.start < s {
+                    t.userfaultfd_reset_ctx(orig.start);
+                }
+                if e < orig.end {
+                    t.userfaultfd_reset_ctx(e);
+                }
+            }
+        }
         // The old range's page tables go as an munmap's would.
         if let Some((a, b)) = extent {
             self.free_pgtables(a, b, t.prev_end(a), t.next_start(b));
@@ -246,6 +264,22 @@ mod tests {
         assert!(!mm.vmas()[0].uffd_wp);
         touch(&mm, &mut cpu, n + 128 * K, 64 * K, true);
         assert_eq!((faults(&mm), folios_of_64k(&mm)), (5, 1));
+        check(&mm);
+    }
+
+    /// An unfaulted uffd-wp VMA whose middle moves to just below it: the
+    /// kernel's copy_vma() merges the new range with the source VMA
+    /// itself, so the userfaultfd goes from both pieces left of it.
+    #[test]
+    fn a_move_that_merges_with_its_own_vma_disarms_all_of_it() {
+        let (mm, mut cpu) = mm();
+        let uffd = crate::trace::MmapFlags { uffd_wp: true, ..hg() };
+        mm.mmap(&mut cpu, B + (1 << 20), 1 << 20, uffd).unwrap();
+        mm.mremap(&mut cpu, B + (1 << 20) + 256 * K, 64 * K, B + (1 << 20) - 64 * K, 64 * K).unwrap();
+        assert!(mm.vmas().iter().all(|v| !v.uffd_wp));
+        touch(&mm, &mut cpu, B + (1 << 20) + 128 * K, 64 * K, true);
+        touch(&mm, &mut cpu, B + (1 << 20) + 384 * K, 64 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (2, 2));
         check(&mm);
     }
 
