@@ -45,7 +45,9 @@ impl Mm {
                 }
                 return Ok(());
             }
-            if old_end > vma.end {
+            // check_prep_vma(): a shrink may cross VMA boundaries in the
+            // part it unmaps; only what moves must lie in one VMA.
+            if old_addr + old_len.min(new_len) > vma.end {
                 return Err(efault(format!("{old_addr:#x}+{old_len:#x} is not one mapping")));
             }
             if new_len < old_len {
@@ -386,5 +388,25 @@ mod tests {
         mm.mremap(&mut cpu, B, 128 * K, n, 128 * K).unwrap();
         let v = mm.vmas();
         assert_eq!((v.len(), v[0].start, v[1].prot), (2, n, crate::trace::Prot::Read));
+    }
+
+    /// A move that shrinks may unmap across VMA boundaries and holes: only
+    /// the part kept must lie in one VMA (check_prep_vma). The moved 16K
+    /// keeps its data; the tail, the hole and the next VMA's head are gone.
+    #[test]
+    fn a_shrinking_move_may_unmap_across_vmas_and_holes() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 64 * K, hg()).unwrap();
+        mm.mmap(&mut cpu, B + 128 * K, 64 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 64 * K, true);
+        touch(&mm, &mut cpu, B + 128 * K, 64 * K, true);
+        let n = B + (4 << 20);
+        assert!(mm.mremap(&mut cpu, B + 32 * K, 128 * K, n, 64 * K).is_err(), "the kept part crosses");
+        mm.mremap(&mut cpu, B + 32 * K, 128 * K, n, 16 * K).unwrap();
+        let v: Vec<_> = mm.vmas().iter().map(|v| (v.start, v.end)).collect();
+        assert_eq!(v, [(B, B + 32 * K), (B + 160 * K, B + 192 * K), (n, n + 16 * K)]);
+        touch(&mm, &mut cpu, n, 16 * K, true);
+        assert_eq!((faults(&mm), mm.stats().rss_pages), (2, 20));
+        check(&mm);
     }
 }
