@@ -287,6 +287,14 @@ def test_kernel_replay_reports_what_the_kernel_refuses_with_the_line():
         kernel_replay(ro_thp, no_zero)
     with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*read-only"):
         anonfolio.Simulator(no_zero).replay(ro_thp)
+    # A same-size move of two adjacent VMAs, one armed by userfaultfd, is
+    # EFAULT on the kernel (vma_multi_allowed), and in the simulator.
+    uffd_pair = ("mmap 0x7f0000000000 0x10000\nmmap 0x7f0000010000 0x10000 uffd-wp\n"
+                 "mremap 0x7f0000000000 0x20000 0x7f0000400000 0x20000\n")
+    with pytest.raises(anonfolio.RangeError, match="line 3: mremap refused by the kernel: EFAULT"):
+        kernel_replay(uffd_pair)
+    with pytest.raises(anonfolio.RangeError, match="line 3: mremap"):
+        anonfolio.replay(uffd_pair)
     with pytest.raises(anonfolio.RangeError, match="line 2: mremap refused by the kernel: EFAULT"):
         kernel_replay("mmap 0x400000 0x4000\nmremap 0x500000 0x1000 0x600000 0x1000\n")
     with pytest.raises(anonfolio.RangeError, match="line 3: brk refused by the kernel"):

@@ -40,7 +40,24 @@ impl Mm {
                 )));
             }
             if old_len == new_len {
-                for (s, e) in t.pieces(old_addr, old_end) {
+                // remap_move(): each VMA of the range moves in turn. One
+                // armed by userfaultfd may not be part of a batch
+                // (vma_multi_allowed): EFAULT when it is not the first, or
+                // is the first and more follow; what moved before stays
+                // moved. The trace's holes split the call, as the kernel
+                // oracle gives such a move to each mapped run on its own
+                // (its holes are reservation VMAs that must stay).
+                let pieces = t.pieces(old_addr, old_end);
+                for (i, &(s, e)) in pieces.iter().enumerate() {
+                    let first = i == 0 || pieces[i - 1].1 != s;
+                    let more = pieces.get(i + 1).is_some_and(|n| n.0 == e);
+                    let v = t.lookup(s).expect("a piece is mapped");
+                    if v.flags.uffd_wp && (!first || more) {
+                        return Err(efault(format!(
+                            "the userfaultfd-armed VMA at {:#x} cannot move with others",
+                            v.start
+                        )));
+                    }
                     mm.move_vma(t, cpu, s, e, new_addr + (s - old_addr), e - s);
                 }
                 return Ok(());
@@ -408,5 +425,26 @@ mod tests {
         touch(&mm, &mut cpu, n, 16 * K, true);
         assert_eq!((faults(&mm), mm.stats().rss_pages), (2, 20));
         check(&mm);
+    }
+
+    /// A same-size move of a run of VMAs one of which is armed by
+    /// userfaultfd is EFAULT (vma_multi_allowed), the VMAs before it moved
+    /// already; alone in its run (the trace's holes split the move) it moves.
+    #[test]
+    fn a_uffd_wp_vma_does_not_move_with_others() {
+        let (mm, mut cpu) = mm();
+        let uffd = crate::trace::MmapFlags { uffd_wp: true, ..Default::default() };
+        mm.mmap(&mut cpu, B, 64 * K, Default::default()).unwrap();
+        mm.mmap(&mut cpu, B + 64 * K, 64 * K, uffd).unwrap();
+        let n = B + (4 << 20);
+        assert!(mm.mremap(&mut cpu, B, 128 * K, n, 128 * K).is_err());
+        let v: Vec<_> = mm.vmas().iter().map(|v| (v.start, v.uffd_wp)).collect();
+        assert_eq!(v, [(B + 64 * K, true), (n, false)], "the first VMA moved before the EFAULT");
+        mm.mmap(&mut cpu, B + 192 * K, 64 * K, Default::default()).unwrap();
+        mm.mremap(&mut cpu, B + 64 * K, 192 * K, n + 64 * K, 192 * K).unwrap();
+        let v: Vec<_> = mm.vmas().iter().map(|v| v.start).collect();
+        // The moved uffd VMA lost its userfaultfd after copy_vma merged
+        // nothing (flags differed then), and the reset merges nothing.
+        assert_eq!(v, [n, n + 64 * K, n + 192 * K], "a hole apart, each moves on its own");
     }
 }
