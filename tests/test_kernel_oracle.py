@@ -279,10 +279,34 @@ def test_kernel_replay_reports_what_the_kernel_refuses_with_the_line():
     with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*SIGSEGV") as e:
         kernel_replay(stack)
     assert e.value.address == 0x7F000007F000
+    # With the huge zero page off, a read of a read-only advised VMA maps a
+    # THP read-only: a write to it is SIGSEGV, on the kernel as in the simulator.
+    ro_thp = "mmap 0x7f0000000000 0x200000 hugepage prot=r\nr 0x7f0000000000\nw 0x7f0000001000\n"
+    no_zero = anonfolio.Config(use_zero_page=False, hugepages={"2048kB": "inherit"})
+    with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*read-only"):
+        kernel_replay(ro_thp, no_zero)
+    with pytest.raises(anonfolio.SegmentationFault, match=r"line 3: .*read-only"):
+        anonfolio.Simulator(no_zero).replay(ro_thp)
+    # A same-size move of two adjacent VMAs, one armed by userfaultfd, is
+    # EFAULT on the kernel (vma_multi_allowed), and in the simulator.
+    uffd_pair = ("mmap 0x7f0000000000 0x10000\nmmap 0x7f0000010000 0x10000 uffd-wp\n"
+                 "mremap 0x7f0000000000 0x20000 0x7f0000400000 0x20000\n")
+    with pytest.raises(anonfolio.RangeError, match="line 3: mremap refused by the kernel: EFAULT"):
+        kernel_replay(uffd_pair)
+    with pytest.raises(anonfolio.RangeError, match="line 3: mremap"):
+        anonfolio.replay(uffd_pair)
     with pytest.raises(anonfolio.RangeError, match="line 2: mremap refused by the kernel: EFAULT"):
         kernel_replay("mmap 0x400000 0x4000\nmremap 0x500000 0x1000 0x600000 0x1000\n")
     with pytest.raises(anonfolio.RangeError, match="line 3: brk refused by the kernel"):
         kernel_replay("mmap 0x400000 0x1000\nbrk 0x3fe000\nbrk 0x400000\n")
+    # A shrinking brk with no VMA left below the break (mremap moved the
+    # heap away) fails on the kernel; the simulator refuses the same line.
+    moved_heap = ("brk 0x7f0000000000\nbrk 0x7f0000040000\n"
+                  "mremap 0x7f0000000000 0x40000 0x7f0000400000 0x40000\nbrk 0x7f0000020000\n")
+    with pytest.raises(anonfolio.RangeError, match="line 4: brk refused by the kernel"):
+        kernel_replay(moved_heap)
+    with pytest.raises(anonfolio.RangeError, match="line 4: brk"):
+        anonfolio.replay(moved_heap)
     # A program's layout: the heap right above the bss (ASLR off), a stack
     # at the top of user space that grows by a page.
     run = kernel_replay("mmap 0x555555554000 0x4000 nohugepage\nbrk 0x555555558000\nbrk 0x555555561000\n"

@@ -10,6 +10,7 @@ use crate::mm::{Cpu, MmInner, Point};
 use crate::sync::AtomicU64;
 use crate::{PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
 
 #[inline(always)]
 pub(crate) fn align_down(a: u64, size: u64) -> u64 {
@@ -72,7 +73,9 @@ impl MmInner {
     /// `map_anon_folio_pmd_pf()`: the caller holds `page_table_lock`.
     /// The PTE table deposited beside the PMD (`pgtable_trans_huge_deposit`)
     /// is charged to the memcg (one page, as measured) by the caller.
-    fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64) {
+    /// `maybe_pmd_mkwrite()`: writable only in a VM_WRITE VMA (a read fault
+    /// of a read-only VMA gets a THP when the huge zero page is off).
+    fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64, vm_write: bool) {
         let folio = self.alloc.page(pfn);
         // folio_zero_user(): the new folio holds zeroes.
         for k in 1..512 {
@@ -80,7 +83,7 @@ impl MmInner {
         }
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, PG_PMD_MAPPED);
-        pmd.store(mk_huge_pmd(pfn), Release);
+        pmd.store(mk_huge_pmd(pfn) | if vm_write { 0 } else { PMD_RDONLY }, Release);
         crate::drive::vtime::step(crate::drive::vtime::Step::SetPte);
         let c = cpu.c();
         c.rss.add(512);
@@ -120,7 +123,7 @@ impl MmInner {
             cpu.c().fault.huge_zero_page.inc();
             return Ok(Some(Fault::Mapped));
         }
-        let r = self.map_new_pmd_folio(cpu, pmd, 0);
+        let r = self.map_new_pmd_folio(cpu, pmd, 0, vma.flags.write);
         if r == Some(Fault::Mapped) {
             cpu.c().fault.pmd_thp.inc();
         }
@@ -131,7 +134,7 @@ impl MmInner {
     /// `expected` under `page_table_lock`, else drops it (a lost race): the
     /// part `do_huge_pmd_anonymous_page` and `do_huge_zero_wp_pmd` share
     /// (not a kernel function). `None` is VM_FAULT_FALLBACK.
-    fn map_new_pmd_folio(&self, cpu: &mut Cpu, pmd: &AtomicU64, expected: u64) -> Option<Fault> {
+    fn map_new_pmd_folio(&self, cpu: &mut Cpu, pmd: &AtomicU64, expected: u64, vm_write: bool) -> Option<Fault> {
         let pfn = self.vma_alloc_anon_folio_pmd(cpu)?;
         cpu.preempt(Point::AfterAlloc);
         let g = self.pt.page_table_lock.lock(&cpu.pc.page_table_lock);
@@ -140,7 +143,7 @@ impl MmInner {
             self.waste_folio(cpu, pfn, PMD_ORDER);
             return Some(Fault::NotMapped);
         }
-        self.map_anon_folio_pmd_pf(cpu, pmd, pfn);
+        self.map_anon_folio_pmd_pf(cpu, pmd, pfn, vm_write);
         if expected == 0 {
             // A new PMD deposits a PTE table (charged); a huge zero PMD
             // replaced keeps the one it had.
@@ -152,7 +155,8 @@ impl MmInner {
     /// `do_huge_zero_wp_pmd()`: a write to the huge zero page gets a THP.
     /// `None` is VM_FAULT_FALLBACK (split the PMD, then the PTE path).
     pub(crate) fn do_huge_zero_wp_pmd(&self, cpu: &mut Cpu, pmd: &AtomicU64) -> Option<Fault> {
-        let r = self.map_new_pmd_folio(cpu, pmd, HUGE_ZERO_PMD);
+        // A write fault: access_error() let it through, so VM_WRITE.
+        let r = self.map_new_pmd_folio(cpu, pmd, HUGE_ZERO_PMD, true);
         if r == Some(Fault::Mapped) {
             cpu.c().fault.huge_zero_wp.inc();
         }
@@ -241,19 +245,28 @@ impl MmInner {
     /// `deferred_split_folio` counts `split_deferred` once, as measured on
     /// 6.18; a folio split straight from its PMD mapping is not.
     ///
-    /// Returns false, splitting nothing, if some page is mapped elsewhere
-    /// than at `va` (a folio cut by a move): the model has no rmap walk to
-    /// find it. The caller holds the mmap lock for write, which excludes
-    /// faults, and no PTL.
-    pub(crate) fn split_folio(&self, cpu: &mut Cpu, head: u64, va: u64, unmap_counts_deferred: bool) -> bool {
+    /// A page mapped elsewhere than at `va` (mremap moved part of the
+    /// folio away) is found as `rmap_walk_anon()` finds it: its index
+    /// (`folio->index + k`, the linear index of `va + k * PAGE_SIZE` in
+    /// `vma`, which a move keeps in `vm_pgoff`) in each VMA of the same
+    /// anon_vma. Returns false, splitting nothing, if some mapped page is
+    /// still not found. The caller holds the mmap lock for write, which
+    /// excludes faults, and no PTL.
+    pub(crate) fn split_folio(
+        &self,
+        cpu: &mut Cpu,
+        t: &VmaTree,
+        head: u64,
+        va: u64,
+        unmap_counts_deferred: bool,
+    ) -> bool {
         let folio = self.alloc.page(head);
         let info = folio.info();
         let order = folio.order();
         let nr = 1u64 << order;
         debug_assert!(order > 0 && info & PG_PMD_MAPPED == 0);
-        // The PTE of each page, if it maps that page.
-        let slot = |k: u64| -> Option<&AtomicU64> {
-            let a = va.wrapping_add(k * PAGE_SIZE);
+        // The PTE at `a`, if it maps page `k`.
+        let pte_at = |a: u64, k: u64| -> Option<&AtomicU64> {
             let pmd = self.pt.pmd_offset(a)?;
             let v = pmd.load(Acquire);
             if v == 0 || pmd_huge(v) {
@@ -265,9 +278,32 @@ impl MmInner {
             let pte = e.load(Acquire);
             (pte != 0 && pte & PTE_ZERO == 0 && pte_pfn(pte) == head + k && pte_order(pte) == order).then_some(e)
         };
-        let found = (0..nr).filter(|&k| slot(k).is_some()).count() as u32;
+        // The PTE of each page, if one maps it: at `va` unless moved.
+        let mut slots: Vec<Option<&AtomicU64>> = (0..nr).map(|k| pte_at(va.wrapping_add(k * PAGE_SIZE), k)).collect();
+        let mut found = slots.iter().filter(|s| s.is_some()).count() as u32;
         if found != folio.mapcount() {
-            return false;
+            // rmap_walk_anon(): the VMA that maps a page at its place in
+            // `va` gives the folio's index; a moved page lies in a VMA of
+            // the same anon_vma whose vm_pgoff range holds its index.
+            let Some(home) = (0..nr).find(|&k| slots[k as usize].is_some()).and_then(|k| t.lookup(va + k * PAGE_SIZE))
+            else {
+                return false;
+            };
+            let index = home.pgoff.wrapping_add((va >> PAGE_SHIFT).wrapping_sub(home.start >> PAGE_SHIFT));
+            let av = home.anon_vma();
+            for w in t.iter().filter(|w| w.anon_vma() == av && !Arc::ptr_eq(w, home)) {
+                let (lo, hi) = (index.max(w.pgoff), (index + nr).min(w.pgoff + w.pages()));
+                for i in lo..hi {
+                    let k = i - index;
+                    if slots[k as usize].is_none() {
+                        slots[k as usize] = pte_at(w.start + ((i - w.pgoff) << PAGE_SHIFT), k);
+                        found += slots[k as usize].is_some() as u32;
+                    }
+                }
+            }
+            if found != folio.mapcount() {
+                return false;
+            }
         }
         let c = cpu.c();
         if unmap_counts_deferred && info & PG_PARTIALLY_MAPPED == 0 {
@@ -286,7 +322,7 @@ impl MmInner {
         }
         for k in 0..nr {
             let page = self.alloc.page(head + k);
-            match slot(k) {
+            match slots[k as usize] {
                 Some(e) => {
                     let pte = e.load(Acquire);
                     if !page.nonzero() && !self.alloc.written(head + k) {

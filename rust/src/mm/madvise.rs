@@ -7,7 +7,7 @@
 use crate::error::Result;
 use crate::mm::huge_memory::align_down;
 use crate::mm::pgtable::*;
-use crate::mm::vma::{advise_flags, VmFlags};
+use crate::mm::vma::{advise_flags, VmFlags, VmaTree};
 use crate::mm::{Cpu, Mm, MmInner};
 use crate::trace::{check_range, Advice};
 use crate::{PAGE_SIZE, PMD_SIZE};
@@ -39,7 +39,7 @@ impl Mm {
                 }
                 Advice::Free => {
                     for (s, e) in t.pieces(addr, end) {
-                        mm.madvise_free_pte_range(cpu, s, e);
+                        mm.madvise_free_pte_range(cpu, t, s, e);
                     }
                 }
                 _ => {
@@ -71,7 +71,7 @@ impl MmInner {
     /// fault). A large folio only partly in the range is split to order 0
     /// (`split_folio`), and so is a PMD-mapped THP only partly in it.
     /// Zero-page entries and none entries are skipped.
-    pub(crate) fn madvise_free_pte_range(&self, cpu: &mut Cpu, start: u64, end: u64) {
+    pub(crate) fn madvise_free_pte_range(&self, cpu: &mut Cpu, vmas: &VmaTree, start: u64, end: u64) {
         let mut a = start;
         while a < end {
             let pmd_start = align_down(a, PMD_SIZE);
@@ -83,7 +83,7 @@ impl MmInner {
                     // of the PMD-mapped folio, which unmap_folio() splits at
                     // the PMD first.
                     self.split_huge_pmd(cpu, pmd);
-                    self.split_folio(cpu, pte_pfn(v), pmd_start, false);
+                    self.split_folio(cpu, vmas, pte_pfn(v), pmd_start, false);
                 }
                 let v = pmd.load(Acquire);
                 if v != 0 && !pmd_huge(v) {
@@ -111,7 +111,7 @@ impl MmInner {
                         }
                         if nr < 1 << order {
                             let va = pmd_start + (i as u64) * PAGE_SIZE - (pfn - head) * PAGE_SIZE;
-                            if self.split_folio(cpu, head, va, true) {
+                            if self.split_folio(cpu, vmas, head, va, true) {
                                 // Order 0 now: look at the same PTE again.
                                 continue;
                             }
@@ -238,6 +238,27 @@ mod tests {
         mm.access(&mut cpu, B + 0x9000, true).unwrap();
         assert_eq!(faults(&mm), 1, "the written pages take no fault");
         check(&mm);
+    }
+
+    /// A 64K folio one page of which mremap moved away is split by MADV_FREE
+    /// of a page at either place: split_folio() finds the moved page by its
+    /// index in the moved VMA (rmap), as the kernel's rmap walk does. Only
+    /// the written page keeps its data; the moved page, never written, goes
+    /// to the zero page with the rest.
+    #[test]
+    fn madv_free_splits_a_folio_part_of_which_mremap_moved() {
+        for free_at in [B + 0x4000, B + (4 << 20)] {
+            let (mm, mut cpu) = mm();
+            mm.mmap(&mut cpu, B, 64 * K, hg()).unwrap();
+            mm.access(&mut cpu, B + 0x1000, true).unwrap();
+            mm.mremap(&mut cpu, B + 0xf000, 0x1000, B + (4 << 20), 0x1000).unwrap();
+            assert_eq!((mm.stats().mthp[4].nr_anon, mm.stats().rss_pages), (1, 16));
+            mm.madvise(&mut cpu, free_at, 0x1000, Advice::Free).unwrap();
+            let m = mm.stats().mthp[4];
+            assert_eq!((m.split, m.split_deferred, m.nr_anon), (1, 1, 0), "free at {free_at:#x}");
+            assert_eq!(mm.stats().rss_pages, 1, "free at {free_at:#x}");
+            check(&mm);
+        }
     }
 
     /// MADV_FREE of zero-page PTEs changes nothing: 32 writes after are 32

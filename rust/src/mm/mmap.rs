@@ -74,7 +74,8 @@ impl Mm {
     /// exec leaves: a break and no heap VMA); each later one grows the heap
     /// with `do_brk_flags` or shrinks it by unmapping above the new
     /// (page-aligned) break. A break the kernel would refuse (below
-    /// `start_brk`, or growing into the next mapping) is an error: the
+    /// `start_brk`, growing into the next mapping, or shrinking over a
+    /// range with no VMA left in it) is an error: the
     /// kernel's brk returns the old break and a trace that moves it there
     /// cannot be replayed.
     pub fn brk(&self, cpu: &mut Cpu, addr: u64) -> Result<()> {
@@ -98,6 +99,15 @@ impl Mm {
             if addr <= t.brk {
                 // Always allow shrinking brk.
                 if newbrk < oldbrk {
+                    // The VMA to cut is searched for in [newbrk, oldbrk)
+                    // (`vma_find`); with none there (the heap was unmapped or
+                    // moved away) brk fails and the break stays.
+                    if t.find_vma(newbrk).is_none_or(|v| v.start >= oldbrk) {
+                        return Err(Error::InvalidRange(format!(
+                            "brk {addr:#x}: no mapping between it and the break {:#x}: the kernel refuses it",
+                            t.brk
+                        )));
+                    }
                     mm.do_vmi_munmap(t, cpu, newbrk, oldbrk, true);
                 }
                 t.brk = addr;
@@ -258,6 +268,24 @@ mod tests {
         mm.brk(&mut cpu, B).unwrap();
         let v = mm.vmas();
         assert_eq!((v[0].start, v[0].end), (B - 64 * K, B));
+    }
+
+    /// A shrinking brk with no VMA left between the new break and the old
+    /// one (mremap moved the heap away) is refused, as the kernel's brk
+    /// fails there; the break stays, so a brk back to it changes nothing
+    /// and one lower, over a VMA mapped there since, cuts that VMA.
+    #[test]
+    fn brk_shrink_with_no_vma_below_the_break_is_refused() {
+        let (mm, mut cpu) = mm();
+        mm.brk(&mut cpu, B).unwrap();
+        mm.brk(&mut cpu, B + 256 * K).unwrap();
+        mm.mremap(&mut cpu, B, 256 * K, B + (4 << 20), 256 * K).unwrap();
+        assert!(mm.brk(&mut cpu, B + 128 * K).is_err(), "no VMA in [newbrk, oldbrk)");
+        mm.brk(&mut cpu, B + 256 * K).unwrap();
+        mm.mmap(&mut cpu, B + 64 * K, 64 * K, Default::default()).unwrap();
+        mm.brk(&mut cpu, B + 96 * K).unwrap();
+        let v = mm.vmas();
+        assert_eq!((v[0].start, v[0].end), (B + 64 * K, B + 96 * K));
     }
 
     /// Shrinking the break into a 64K folio keeps 4 of its pages: split

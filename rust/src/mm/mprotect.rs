@@ -162,6 +162,33 @@ mod tests {
         check(&mm);
     }
 
+    /// With the huge zero page off, a read of a read-only advised VMA maps
+    /// a PMD THP read-only (`maybe_pmd_mkwrite`): a write is SIGSEGV with
+    /// no fault, in it and in the PTEs an munmap splits it into;
+    /// mprotect(rw) of the whole PMD makes it writable again without a
+    /// fault. (Checked on the kernel with the same trace.)
+    #[test]
+    fn a_read_fault_thp_of_a_read_only_vma_is_mapped_read_only() {
+        let mut c = crate::Config::default();
+        c.set_size_mode("2048kB=inherit").unwrap();
+        c.use_zero_page = false;
+        c.memory.phys_bytes = 256 << 20;
+        let mm = crate::Mm::new(c).unwrap();
+        let mut cpu = mm.cpu(0);
+        let r = crate::trace::MmapFlags { prot: Prot::Read, ..hg() };
+        mm.mmap(&mut cpu, B, 4 << 20, r).unwrap();
+        mm.access(&mut cpu, B, false).unwrap();
+        mm.access(&mut cpu, B + (2 << 20), false).unwrap();
+        assert_eq!((faults(&mm), mm.stats().mthp[9].nr_anon), (2, 2));
+        assert!(is_segv(mm.access(&mut cpu, B + 0x1000, true)));
+        mm.munmap(&mut cpu, B + (3 << 20), 4096).unwrap();
+        mm.mprotect(&mut cpu, B, 2 << 20, Prot::ReadWrite).unwrap();
+        mm.access(&mut cpu, B + 0x1000, true).unwrap();
+        assert!(is_segv(mm.access(&mut cpu, B + (2 << 20), true)), "the PTEs the munmap split the PMD into");
+        assert_eq!(faults(&mm), 2);
+        check(&mm);
+    }
+
     /// PROT_NONE on one page inside a 64K folio: read and write are
     /// SIGSEGV with 0 faults, the page stays mapped; back to rw, 0 faults.
     #[test]

@@ -40,12 +40,31 @@ impl Mm {
                 )));
             }
             if old_len == new_len {
-                for (s, e) in t.pieces(old_addr, old_end) {
+                // remap_move(): each VMA of the range moves in turn. One
+                // armed by userfaultfd may not be part of a batch
+                // (vma_multi_allowed): EFAULT when it is not the first, or
+                // is the first and more follow; what moved before stays
+                // moved. The trace's holes split the call, as the kernel
+                // oracle gives such a move to each mapped run on its own
+                // (its holes are reservation VMAs that must stay).
+                let pieces = t.pieces(old_addr, old_end);
+                for (i, &(s, e)) in pieces.iter().enumerate() {
+                    let first = i == 0 || pieces[i - 1].1 != s;
+                    let more = pieces.get(i + 1).is_some_and(|n| n.0 == e);
+                    let v = t.lookup(s).expect("a piece is mapped");
+                    if v.flags.uffd_wp && (!first || more) {
+                        return Err(efault(format!(
+                            "the userfaultfd-armed VMA at {:#x} cannot move with others",
+                            v.start
+                        )));
+                    }
                     mm.move_vma(t, cpu, s, e, new_addr + (s - old_addr), e - s);
                 }
                 return Ok(());
             }
-            if old_end > vma.end {
+            // check_prep_vma(): a shrink may cross VMA boundaries in the
+            // part it unmaps; only what moves must lie in one VMA.
+            if old_addr + old_len.min(new_len) > vma.end {
                 return Err(efault(format!("{old_addr:#x}+{old_len:#x} is not one mapping")));
             }
             if new_len < old_len {
@@ -113,6 +132,7 @@ impl MmInner {
         // The moved part is split off its VMA (a PMD mapping cut there is
         // split first).
         self.vma_adjust_trans_huge(t, cpu, s, e);
+        let orig = t.lookup(s).cloned().expect("the moved range is mapped");
         t.split_vma(s);
         t.split_vma(e);
         let (gone, extent) = t.munmap(s, e);
@@ -124,6 +144,28 @@ impl MmInner {
         let pgoff = if v.anon_vma() == 0 { new_addr >> PAGE_SHIFT } else { v.pgoff };
         self.move_page_tables(cpu, s, new_addr, e - s);
         t.insert_and_merge(new_addr, new_addr + new_len, v.flags, v.anon_vma(), pgoff, v.orders);
+        // mremap_userfaultfd_prep(): a userfaultfd without
+        // UFFD_FEATURE_EVENT_REMAP (the kernel oracle's asks for no
+        // features) is dropped from the new VMA once the move is done, so
+        // its faults get large folios again.
+        if v.flags.uffd_wp {
+            t.userfaultfd_reset_ctx(new_addr);
+            // copy_vma() runs before the source range is unmapped: an
+            // unfaulted source VMA the new range touches, its page offsets
+            // continuing, is merged into the new VMA ("vma_merge with
+            // self"), so the reset covers what is left of it too.
+            let with_self = orig.anon_vma() == 0
+                && ((orig.end == new_addr && orig.pgoff + orig.pages() == new_addr >> PAGE_SHIFT)
+                    || (orig.start == new_addr + new_len && (new_addr + new_len) >> PAGE_SHIFT == orig.pgoff));
+            if with_self {
+                if orig.start < s {
+                    t.userfaultfd_reset_ctx(orig.start);
+                }
+                if e < orig.end {
+                    t.userfaultfd_reset_ctx(e);
+                }
+            }
+        }
         // The old range's page tables go as an munmap's would.
         if let Some((a, b)) = extent {
             self.free_pgtables(a, b, t.prev_end(a), t.next_start(b));
@@ -222,6 +264,41 @@ mod tests {
         touch(&mm, &mut cpu, m + 256 * K, 60 * K, true);
         let s = mm.stats();
         assert_eq!((s.faults(), s.mthp[2].anon_fault_alloc, s.folio_orders[0]), (10, 3, 3));
+        check(&mm);
+    }
+
+    /// A userfaultfd-WP VMA moved by mremap leaves its userfaultfd (no
+    /// UFFD_FEATURE_EVENT_REMAP): its faults get 64K folios again. One
+    /// grown in place stays registered: order 0.
+    #[test]
+    fn a_moved_uffd_wp_vma_is_no_longer_armed() {
+        let (mm, mut cpu) = mm();
+        let uffd = crate::trace::MmapFlags { uffd_wp: true, ..hg() };
+        mm.mmap(&mut cpu, B, 64 * K, uffd).unwrap();
+        mm.mremap(&mut cpu, B, 64 * K, B, 128 * K).unwrap();
+        touch(&mm, &mut cpu, B + 64 * K, 16 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (4, 0), "grown in place: still armed");
+        let n = B + (4 << 20);
+        mm.mremap(&mut cpu, B, 128 * K, n, 256 * K).unwrap();
+        assert!(!mm.vmas()[0].uffd_wp);
+        touch(&mm, &mut cpu, n + 128 * K, 64 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (5, 1));
+        check(&mm);
+    }
+
+    /// An unfaulted uffd-wp VMA whose middle moves to just below it: the
+    /// kernel's copy_vma() merges the new range with the source VMA
+    /// itself, so the userfaultfd goes from both pieces left of it.
+    #[test]
+    fn a_move_that_merges_with_its_own_vma_disarms_all_of_it() {
+        let (mm, mut cpu) = mm();
+        let uffd = crate::trace::MmapFlags { uffd_wp: true, ..hg() };
+        mm.mmap(&mut cpu, B + (1 << 20), 1 << 20, uffd).unwrap();
+        mm.mremap(&mut cpu, B + (1 << 20) + 256 * K, 64 * K, B + (1 << 20) - 64 * K, 64 * K).unwrap();
+        assert!(mm.vmas().iter().all(|v| !v.uffd_wp));
+        touch(&mm, &mut cpu, B + (1 << 20) + 128 * K, 64 * K, true);
+        touch(&mm, &mut cpu, B + (1 << 20) + 384 * K, 64 * K, true);
+        assert_eq!((faults(&mm), folios_of_64k(&mm)), (2, 2));
         check(&mm);
     }
 
@@ -328,5 +405,46 @@ mod tests {
         mm.mremap(&mut cpu, B, 128 * K, n, 128 * K).unwrap();
         let v = mm.vmas();
         assert_eq!((v.len(), v[0].start, v[1].prot), (2, n, crate::trace::Prot::Read));
+    }
+
+    /// A move that shrinks may unmap across VMA boundaries and holes: only
+    /// the part kept must lie in one VMA (check_prep_vma). The moved 16K
+    /// keeps its data; the tail, the hole and the next VMA's head are gone.
+    #[test]
+    fn a_shrinking_move_may_unmap_across_vmas_and_holes() {
+        let (mm, mut cpu) = mm();
+        mm.mmap(&mut cpu, B, 64 * K, hg()).unwrap();
+        mm.mmap(&mut cpu, B + 128 * K, 64 * K, hg()).unwrap();
+        touch(&mm, &mut cpu, B, 64 * K, true);
+        touch(&mm, &mut cpu, B + 128 * K, 64 * K, true);
+        let n = B + (4 << 20);
+        assert!(mm.mremap(&mut cpu, B + 32 * K, 128 * K, n, 64 * K).is_err(), "the kept part crosses");
+        mm.mremap(&mut cpu, B + 32 * K, 128 * K, n, 16 * K).unwrap();
+        let v: Vec<_> = mm.vmas().iter().map(|v| (v.start, v.end)).collect();
+        assert_eq!(v, [(B, B + 32 * K), (B + 160 * K, B + 192 * K), (n, n + 16 * K)]);
+        touch(&mm, &mut cpu, n, 16 * K, true);
+        assert_eq!((faults(&mm), mm.stats().rss_pages), (2, 20));
+        check(&mm);
+    }
+
+    /// A same-size move of a run of VMAs one of which is armed by
+    /// userfaultfd is EFAULT (vma_multi_allowed), the VMAs before it moved
+    /// already; alone in its run (the trace's holes split the move) it moves.
+    #[test]
+    fn a_uffd_wp_vma_does_not_move_with_others() {
+        let (mm, mut cpu) = mm();
+        let uffd = crate::trace::MmapFlags { uffd_wp: true, ..Default::default() };
+        mm.mmap(&mut cpu, B, 64 * K, Default::default()).unwrap();
+        mm.mmap(&mut cpu, B + 64 * K, 64 * K, uffd).unwrap();
+        let n = B + (4 << 20);
+        assert!(mm.mremap(&mut cpu, B, 128 * K, n, 128 * K).is_err());
+        let v: Vec<_> = mm.vmas().iter().map(|v| (v.start, v.uffd_wp)).collect();
+        assert_eq!(v, [(B + 64 * K, true), (n, false)], "the first VMA moved before the EFAULT");
+        mm.mmap(&mut cpu, B + 192 * K, 64 * K, Default::default()).unwrap();
+        mm.mremap(&mut cpu, B + 64 * K, 192 * K, n + 64 * K, 192 * K).unwrap();
+        let v: Vec<_> = mm.vmas().iter().map(|v| v.start).collect();
+        // The moved uffd VMA lost its userfaultfd after copy_vma merged
+        // nothing (flags differed then), and the reset merges nothing.
+        assert_eq!(v, [n, n + 64 * K, n + 192 * K], "a hole apart, each moves on its own");
     }
 }

@@ -360,6 +360,16 @@ impl VmaTree {
         self.seq += 1;
     }
 
+    /// `userfaultfd_reset_ctx()` of the VMA at `addr`: it leaves its
+    /// userfaultfd (VM_UFFD_WP cleared) in place, merging with nothing.
+    pub fn userfaultfd_reset_ctx(&mut self, addr: u64) {
+        let Some(v) = self.lookup(addr).filter(|v| v.flags.uffd_wp).cloned() else { return };
+        self.take(&v.start);
+        let flags = VmFlags { uffd_wp: false, ..v.flags };
+        self.put(Vma::new(v.start, v.end, flags, v.anon_vma(), v.pgoff, v.orders));
+        self.seq += 1;
+    }
+
     /// Merges the VMA at `[start, end)` with its neighbours if compatible.
     pub fn merge_at(&mut self, start: u64, end: u64) {
         if self.map.get(&start).is_some_and(|v| v.end == end) {
