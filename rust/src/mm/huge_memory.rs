@@ -77,10 +77,9 @@ impl MmInner {
     /// of a read-only VMA gets a THP when the huge zero page is off).
     fn map_anon_folio_pmd_pf(&self, cpu: &Cpu, pmd: &AtomicU64, pfn: u64, vm_write: bool) {
         let folio = self.alloc.page(pfn);
-        // folio_zero_user(): the new folio holds zeroes.
-        for k in 1..512 {
-            self.alloc.page(pfn + k).set_info(0);
-        }
+        // folio_zero_user(): the new folio holds zeroes (the store of a
+        // write fault is marked when the access re-executes).
+        self.prep_tail_pages(pfn, 512, usize::MAX);
         folio.folio_set_count(1);
         self.folio_add_new_anon_rmap(cpu, folio, PMD_ORDER, 512, PG_PMD_MAPPED);
         pmd.store(mk_huge_pmd(pfn) | if vm_write { 0 } else { PMD_RDONLY }, Release);

@@ -321,9 +321,10 @@ impl MmInner {
 
     /// The tail pages' `struct page` of a new large folio: zero-filled
     /// (`folio_zero_user()`), but for page `written`, which a user store is
-    /// about to write. Out of line: the order-0 path stays short.
+    /// about to write (none: `usize::MAX`). Out of line: the order-0 path
+    /// stays short.
     #[inline(never)]
-    fn prep_tail_pages(&self, pfn: u64, nr: usize, written: usize) {
+    pub(crate) fn prep_tail_pages(&self, pfn: u64, nr: usize, written: usize) {
         let pages = self.alloc.folio_pages(pfn, nr);
         for p in &pages[1..] {
             p.set_info(0);
