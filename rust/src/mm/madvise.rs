@@ -240,6 +240,36 @@ mod tests {
         check(&mm);
     }
 
+    /// A PMD THP on frames a freed 64K folio used before: the 64K folio's
+    /// written page kept its mark in its tail `struct page` when freed, so
+    /// a new THP must zero-fill its tails (`folio_zero_user`): MADV_FREE of
+    /// part of it then sends every page but the one written to the zero page.
+    #[test]
+    fn a_pmd_thp_on_reused_frames_holds_no_stale_written_page() {
+        let mut c = crate::Config::default();
+        for s in ["64kB=madvise", "2048kB=inherit"] {
+            c.set_size_mode(s).unwrap();
+        }
+        // One PMD block of memory (and a page for the tables): the THP
+        // gets the frames the 64K folio had.
+        c.memory.phys_bytes = 4 << 20;
+        let mm = crate::Mm::new(c).unwrap();
+        let mut cpu = mm.cpu(0);
+        mm.mmap(&mut cpu, B + 64 * K, 64 * K, hg()).unwrap();
+        // The fault's store lands on tail page 5: its mark is in that
+        // page's `struct page` (later stores go to the written bitmap,
+        // which a free clears).
+        mm.access(&mut cpu, B + 64 * K + 5 * 4 * K, true).unwrap();
+        assert_eq!(mm.stats().mthp[4].nr_anon, 1);
+        mm.munmap(&mut cpu, B + 64 * K, 64 * K).unwrap();
+        mm.mmap(&mut cpu, B, 2 << 20, hg()).unwrap();
+        mm.access(&mut cpu, B, true).unwrap();
+        assert_eq!(mm.stats().mthp[9].nr_anon, 1);
+        mm.madvise(&mut cpu, B + (1 << 20), 4 * K, Advice::Free).unwrap();
+        assert_eq!(mm.stats().rss_pages, 1, "only page 0 was written");
+        check(&mm);
+    }
+
     /// A 64K folio one page of which mremap moved away is split by MADV_FREE
     /// of a page at either place: split_folio() finds the moved page by its
     /// index in the moved VMA (rmap), as the kernel's rmap walk does. Only
